@@ -1,0 +1,13 @@
+"""Adaptive Sharpness-Aware Minimization (ASAM) for Keras 3.
+
+Reference: Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for
+Scale-Invariant Learning of Deep Neural Networks", ICML 2021,
+https://arxiv.org/abs/2102.11600
+"""
+
+from keras_asam import callbacks, perturbation
+from keras_asam.model import ASAMModel, SAMModel
+
+__version__ = "0.1.0"
+
+__all__ = ["ASAMModel", "SAMModel", "callbacks", "perturbation"]

@@ -1,0 +1,163 @@
+"""The ascent of (A)SAM: the normalization operator T_w and the perturbation eps.
+
+Pure functions of tensors, with no Keras model plumbing, so that the train
+step, the sharpness meter and the examples share one definition of eps.
+
+ASAM (Kwon et al., 2021) maximises the loss inside the ball
+``||T_w^{-1} eps||_p <= rho``. The first-order solution is
+
+    p = 2:    eps = rho * T_w^2 g / ||T_w g||_2
+    p = inf:  eps = rho * T_w sign(g)
+
+where ``g = grad L(w)`` and the 2-norm runs over all variables together.
+SAM (Foret et al., 2021) is the special case ``T_w = 1``.
+
+References:
+    - [Kwon et al., 2021](https://arxiv.org/abs/2102.11600)
+    - [Foret et al., 2021](https://arxiv.org/abs/2010.01412)
+"""
+
+import math
+
+import tensorflow as tf
+
+NORMALIZATIONS = ("elementwise", "filterwise")
+NORM_EPSILON = 1e-16  # Added to ||T_w g||, as in the official ASAM code.
+
+
+def is_bias(name):
+    """Whether a variable of this name is a bias-like offset (T_w = 1).
+
+    The official ASAM code scales only parameters named ``weight``: conv and
+    dense kernels and normalization scales. Biases and normalization offsets
+    are left unscaled. In Keras those are the variables whose last path
+    component is ``beta`` or ends with ``bias`` (``bias``, ``dense_bias:0``
+    from a SavedModel, ...).
+
+    Args:
+        name: String. A variable's path or name, e.g. ``"dense/bias"``.
+
+    Returns:
+        Boolean.
+    """
+    leaf = name.split("/")[-1].split(":")[0].lower()
+    return leaf == "beta" or leaf.endswith("bias")
+
+
+def normalizer(weight, *, eta=0.01, normalization="elementwise"):
+    """The diagonal of ASAM's normalization operator T_w for one variable.
+
+    Element-wise: ``T_w = |w| + eta``.
+    Filter-wise: every entry of a filter shares ``||filter||_2 + eta``; a
+    filter is a slice along the last axis of a Keras kernel (one output unit
+    of a `Dense`, one output channel of a `Conv2D`). Variables of rank < 2
+    are treated element-wise.
+
+    Args:
+        weight: Tensor. The variable's current value.
+        eta: Float. Offset keeping T_w > 0 where w = 0. Defaults to `0.01`.
+        normalization: `"elementwise"` or `"filterwise"`.
+
+    Returns:
+        A float32 tensor broadcastable to `weight`.
+    """
+    weight = tf.cast(weight, tf.float32)
+    if normalization == "filterwise" and weight.shape.rank >= 2:
+        axes = list(range(weight.shape.rank - 1))
+        return (
+            tf.sqrt(tf.reduce_sum(tf.square(weight), axis=axes, keepdims=True))
+            + eta
+        )
+    return tf.abs(weight) + eta
+
+
+def all_finite(tensors):
+    """Scalar boolean: every entry of every tensor is finite."""
+    return tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+    )
+
+
+def perturbation(
+    gradients,
+    weights,
+    *,
+    rho,
+    scaled=None,
+    adaptive=True,
+    eta=0.01,
+    normalization="elementwise",
+    p=2,
+):
+    """The (A)SAM perturbation eps for a list of variables.
+
+    With ``T_w`` from `normalizer` (or 1 for SAM and for unscaled variables):
+
+        p = 2:    eps = rho * T_w^2 g / (||T_w g||_2 + 1e-16)
+        p = inf:  eps = rho * T_w sign(g)
+
+    If any gradient entry is not finite (e.g. a float16 overflow), every eps
+    is 0: the step then falls back to a plain step at w.
+
+    Args:
+        gradients: List of tensors (or `None` for variables without gradient,
+            whose eps is `None`).
+        weights: List of tensors, the current values of the variables.
+        rho: Float or scalar tensor. Radius of the neighbourhood.
+        scaled: Optional list of booleans, `False` for variables that keep
+            T_w = 1 in ASAM (biases, see `is_bias`). Defaults to all `True`.
+        adaptive: Boolean. ASAM if `True`, SAM if `False`.
+        eta: Float. See `normalizer`.
+        normalization: `"elementwise"` or `"filterwise"`.
+        p: `2` or `float("inf")`.
+
+    Returns:
+        List of float32 tensors (or `None`), aligned with `gradients`.
+
+    Example:
+
+    >>> w = [tf.constant([1.0, -2.0])]
+    >>> g = [tf.constant([0.5, 0.5])]
+    >>> eps = perturbation(g, w, rho=0.5, eta=0.0)
+    """
+    if scaled is None:
+        scaled = [True] * len(gradients)
+    present = [i for i, g in enumerate(gradients) if g is not None]
+    eps = [None] * len(gradients)
+    if not present:
+        return eps
+    grads = {i: tf.cast(gradients[i], tf.float32) for i in present}
+    scales = {
+        i: (
+            normalizer(weights[i], eta=eta, normalization=normalization)
+            if adaptive and scaled[i]
+            else None
+        )
+        for i in present
+    }
+    finite = all_finite(list(grads.values()))
+    rho = tf.cast(rho, tf.float32)
+
+    if p == 2:
+        scaled_grads = {
+            i: grads[i] if scales[i] is None else scales[i] * grads[i]
+            for i in present
+        }
+        norm = tf.sqrt(
+            tf.add_n([tf.reduce_sum(tf.square(t)) for t in scaled_grads.values()])
+        )
+        factor = tf.where(finite, rho / (norm + NORM_EPSILON), 0.0)
+        for i in present:
+            direction = scaled_grads[i]
+            if scales[i] is not None:
+                direction = scales[i] * direction
+            eps[i] = tf.where(finite, factor * direction, 0.0)
+    elif p == math.inf:
+        for i in present:
+            direction = tf.sign(grads[i])
+            if scales[i] is not None:
+                direction = scales[i] * direction
+            eps[i] = tf.where(finite, rho * direction, 0.0)
+    else:
+        raise ValueError(f"`p` must be 2 or inf. Received: p={p}")
+    return eps
