@@ -1,0 +1,317 @@
+"""ASAMModel: the numbers of one step, construction, config and bad input."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_asam
+from keras_asam import ASAMModel, SAMModel
+from tests import reference
+
+LR = 0.1
+
+
+def _data(n=16, d=6, seed=0):
+    rs = np.random.RandomState(seed)
+    x = rs.randn(n, d).astype("float32")
+    y = rs.randn(n, 2).astype("float32")
+    return x, y
+
+
+def _mlp(seed=0, regularized=True):
+    keras.utils.set_random_seed(seed)
+    reg = keras.regularizers.L2(1e-2) if regularized else None
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(5, activation="tanh", kernel_regularizer=reg),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
+def _reference_step(weights, x, y, **variant):
+    """One (A)SAM step from plain TF gradients and the NumPy formulas."""
+    clone = _mlp()
+    variables = clone.trainable_variables
+    biases = [v.path.endswith("bias") for v in variables]
+
+    def loss_and_grads(values):
+        for v, value in zip(variables, values):
+            v.assign(value)
+        with tf.GradientTape() as tape:
+            pred = clone(x, training=True)
+            loss = tf.reduce_mean(tf.square(pred - y)) + tf.add_n(clone.losses)
+        return float(loss), [g.numpy() for g in tape.gradient(loss, variables)]
+
+    loss, grads = loss_and_grads(weights)
+    eps = reference.eps(grads, weights, biases, **variant)
+    adv_loss, adv_grads = loss_and_grads([w + e for w, e in zip(weights, eps)])
+    new_weights = [w - LR * g for w, g in zip(weights, adv_grads)]
+    return new_weights, loss, adv_loss - loss
+
+
+VARIANTS = [
+    dict(adaptive=True, normalization="elementwise", p=2, rho=0.5, eta=0.01),
+    dict(adaptive=True, normalization="filterwise", p=2, rho=0.5, eta=0.01),
+    dict(adaptive=False, normalization="elementwise", p=2, rho=0.05, eta=0.0),
+    dict(adaptive=True, normalization="elementwise", p=math.inf, rho=0.05,
+         eta=0.01),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: str(v))
+def test_one_step_matches_reference(variant):
+    x, y = _data()
+    model = ASAMModel(_mlp(), **variant)
+    weights = [v.numpy() for v in model.trainable_variables]
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    history = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False,
+                        verbose=0)
+
+    want, loss, sharpness = _reference_step(weights, x, y, **variant)
+    for v, w in zip(model.trainable_variables, want):
+        np.testing.assert_allclose(v.numpy(), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(history.history["loss"][0], loss, rtol=1e-5)
+    np.testing.assert_allclose(history.history["sharpness"][0], sharpness,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_logged_loss_is_the_clean_loss():
+    # With learning rate 0 the weights do not move, so the logged loss must
+    # equal `evaluate` on the same batch (the clean pass, not the perturbed).
+    x, y = _data()
+    model = ASAMModel(_mlp(), rho=2.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse",
+                  metrics=["mae"])
+    logs = model.fit(x, y, batch_size=len(x), verbose=0).history
+    evaluated = model.evaluate(x, y, batch_size=len(x), verbose=0,
+                               return_dict=True)
+    assert set(evaluated) == {"loss", "mae"}
+    np.testing.assert_allclose(logs["loss"][0], evaluated["loss"], rtol=1e-6)
+    np.testing.assert_allclose(logs["mae"][0], evaluated["mae"], rtol=1e-6)
+    assert logs["sharpness"][0] > 0
+
+
+def test_evaluate_and_predict_match_plain_model():
+    x, y = _data()
+    plain = _mlp()
+    plain.compile(loss="mse", metrics=["mae"])
+    model = ASAMModel(_mlp())
+    model.compile(loss="mse", metrics=["mae"])
+    assert model.evaluate(x, y, verbose=0, return_dict=True) == pytest.approx(
+        plain.evaluate(x, y, verbose=0, return_dict=True), rel=1e-6
+    )
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), plain.predict(x, verbose=0), rtol=1e-6
+    )
+
+
+# -- construction -------------------------------------------------------
+
+
+class SubclassedNet(ASAMModel):
+    def __init__(self, units=3, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = keras.layers.Dense(units, activation="relu")
+        self.out = keras.layers.Dense(2)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+keras.saving.register_keras_serializable("keras_asam_tests")(SubclassedNet)
+
+
+def _functional(**kwargs):
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(2)(keras.layers.Dense(4, "relu")(inputs))
+    return ASAMModel(inputs, outputs, **kwargs)
+
+
+def _wrapped(**kwargs):
+    return ASAMModel(_mlp(regularized=False), **kwargs)
+
+
+def _subclassed(**kwargs):
+    return SubclassedNet(units=3, **kwargs)
+
+
+BUILDERS = {"functional": _functional, "wrapped": _wrapped,
+            "subclassed": _subclassed}
+
+
+@pytest.mark.parametrize(
+    "order",
+    [["functional", "wrapped", "subclassed"],
+     ["subclassed", "wrapped", "functional"]],
+)
+def test_three_construction_modes_in_one_process(order):
+    x, y = _data()
+    for mode in order:
+        model = BUILDERS[mode](rho=0.7)
+        assert isinstance(model, ASAMModel)
+        model.compile(optimizer="sgd", loss="mse")
+        before = [v.numpy().copy() for v in model.trainable_variables] or None
+        logs = model.fit(x, y, epochs=1, verbose=0).history
+        assert np.isfinite(logs["loss"][0]) and "sharpness" in logs
+        after = model.trainable_variables
+        if before:
+            assert any(not np.array_equal(b, a.numpy())
+                       for b, a in zip(before, after))
+
+
+def test_wrapper_shares_weights_with_wrapped_model():
+    inner = _mlp()
+    model = ASAMModel(inner)
+    x, y = _data()
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, y, verbose=0)
+    assert model.wrapped_model is inner
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  inner.predict(x, verbose=0))
+
+
+def test_sam_model_defaults():
+    model = SAMModel(_mlp())
+    assert model.adaptive is False
+    assert model.rho == pytest.approx(0.05)
+    assert ASAMModel(_mlp()).rho == pytest.approx(0.5)
+    assert ASAMModel(_mlp()).eta == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("mode", sorted(BUILDERS))
+def test_save_and_load_round_trip(tmp_path, mode):
+    x, y = _data()
+    model = BUILDERS[mode](rho=0.8, eta=0.02, normalization="filterwise",
+                           p=float("inf"), sync_perturbation=True,
+                           keep_perturbed_state=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  loss="mse")
+    model.fit(x, y, epochs=2, verbose=0)
+    model.rho = 0.6
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+
+    assert type(loaded) is type(model)
+    for key in ("eta", "adaptive", "normalization", "p", "sync_perturbation",
+                "keep_perturbed_state", "rho"):
+        assert getattr(loaded, key) == getattr(model, key), key
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  loaded.predict(x, verbose=0))
+    # Training continues identically from the loaded state.
+    model.fit(x, y, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(x, y, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.trainable_variables, loaded.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_config_has_every_constructor_argument():
+    config = _wrapped(rho=0.3).get_config()
+    for key in ("rho", "eta", "adaptive", "normalization", "p",
+                "sync_perturbation", "keep_perturbed_state", "model", "name"):
+        assert key in config
+
+
+# -- rho during training -------------------------------------------------
+
+
+def test_rho_setter_takes_effect_without_retracing():
+    x, y = _data()
+    model = ASAMModel(_mlp(), rho=0.5)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    traces = []
+    train_step = model.train_step
+
+    def counting_train_step(data):
+        traces.append(1)  # Python runs only while tracing.
+        return train_step(data)
+
+    model.train_step = counting_train_step
+    first = model.fit(x, y, batch_size=len(x), verbose=0).history["sharpness"]
+    model.rho = 2.0
+    second = model.fit(x, y, batch_size=len(x), verbose=0).history["sharpness"]
+    assert len(traces) == 1
+    assert second[0] > 2 * first[0]
+
+
+def test_rho_scheduler_sets_rho_each_epoch():
+    x, y = _data()
+    model = ASAMModel(_mlp(), rho=0.5)
+    model.compile(optimizer="sgd", loss="mse")
+    schedule = keras_asam.callbacks.RhoScheduler(lambda epoch, rho: 0.1 * (epoch + 1))
+    logs = model.fit(x, y, epochs=3, verbose=0, callbacks=[schedule]).history
+    np.testing.assert_allclose(logs["rho"], [0.1, 0.2, 0.3], rtol=1e-6)
+    assert model.rho == pytest.approx(0.3)
+
+
+def test_rho_scheduler_rejects_bad_value_before_training_changes():
+    x, y = _data()
+    model = ASAMModel(_mlp(), rho=0.5)
+    model.compile(optimizer="sgd", loss="mse")
+    before = [v.numpy().copy() for v in model.weights]
+    bad = keras_asam.callbacks.RhoScheduler(lambda epoch, rho: -1.0)
+    with pytest.raises(ValueError, match="rho=-1.0"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[bad])
+    for b, v in zip(before, model.weights):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+# -- bad input -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, text",
+    [
+        (dict(rho=-1), ValueError, "rho=-1"),
+        (dict(rho=0), ValueError, "rho=0"),
+        (dict(rho=float("nan")), ValueError, "rho=nan"),
+        (dict(rho=float("inf")), ValueError, "rho=inf"),
+        (dict(rho="big"), ValueError, "rho='big'"),
+        (dict(eta=-0.1), ValueError, "eta=-0.1"),
+        (dict(normalization="layerwise"), ValueError,
+         "normalization='layerwise'"),
+        (dict(p=1), ValueError, "p=1"),
+        (dict(adaptive="yes"), TypeError, "adaptive='yes'"),
+        (dict(sync_perturbation=1), TypeError, "sync_perturbation=1"),
+    ],
+)
+def test_bad_hyperparameters_raise_at_construction(kwargs, error, text):
+    with pytest.raises(error, match=text.replace("(", r"\(")):
+        ASAMModel(_mlp(), **kwargs)
+
+
+def test_wrapping_a_non_model_raises():
+    with pytest.raises(TypeError, match="`model` must be a `keras.Model`"):
+        ASAMModel(keras.layers.Dense(3))
+    with pytest.raises(TypeError, match="model='not a model'"):
+        ASAMModel("not a model")
+
+
+def test_bad_rho_assignment_leaves_rho_unchanged():
+    model = ASAMModel(_mlp(), rho=0.5)
+    with pytest.raises(ValueError, match="rho=0"):
+        model.rho = 0
+    assert model.rho == pytest.approx(0.5)
+
+
+def test_no_trainable_weights_raises_clear_error():
+    inner = _mlp()
+    inner.trainable = False
+    model = ASAMModel(inner)
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = _data()
+    with pytest.raises(ValueError, match="no trainable weights"):
+        model.fit(x, y, verbose=0)
