@@ -21,3 +21,41 @@ def eps(grads, weights, biases, *, rho, adaptive=True, eta=0.01,
         norm = np.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(ts, grads)))
         return [rho * t * t * g / norm for t, g in zip(ts, grads)]
     return [rho * t * np.sign(g) for t, g in zip(ts, grads)]
+
+
+def asam_gradients(model, weights, x, y, loss_fn, **variant):
+    """Both passes of one (A)SAM step on `model` (a plain Keras model used
+    only as a differentiable function), from plain TF gradients.
+
+    Returns a dict with the clean `loss`, `grads`, `eps`, `adv_loss` and
+    `adv_grads` (NumPy), and leaves `model`'s weights at `weights`.
+    """
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+    biases = [v.path.split("/")[-1] in ("bias", "beta") for v in variables]
+
+    def loss_and_grads(values):
+        for v, value in zip(variables, values):
+            v.assign(value)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+            if model.losses:
+                loss += tf.add_n(model.losses)
+        grads = tape.gradient(loss, variables)
+        return float(loss), [None if g is None else g.numpy() for g in grads]
+
+    loss, grads = loss_and_grads(weights)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    perturbation = [np.zeros_like(w) for w in weights]
+    present_eps = eps(
+        [grads[i] for i in present], [weights[i] for i in present],
+        [biases[i] for i in present], **variant)
+    for i, e in zip(present, present_eps):
+        perturbation[i] = e
+    adv_loss, adv_grads = loss_and_grads(
+        [w + e for w, e in zip(weights, perturbation)])
+    for v, value in zip(variables, weights):
+        v.assign(value)
+    return dict(loss=loss, grads=grads, eps=perturbation, adv_loss=adv_loss,
+                adv_grads=adv_grads)
