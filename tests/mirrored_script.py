@@ -1,0 +1,107 @@
+"""Runs ASAMModel under MirroredStrategy on 2 logical CPU devices and prints
+a JSON of measurements. Started in a subprocess by test_distribute.py, since
+logical devices must be configured before TensorFlow initialises."""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tensorflow as tf  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_asam import ASAMModel  # noqa: E402
+from tests import reference  # noqa: E402
+
+LR = 0.1
+VARIANT = dict(rho=0.5, eta=0.01, adaptive=True, normalization="elementwise",
+               p=2)
+rs = np.random.RandomState(0)
+X = rs.randn(16, 6).astype("float32")
+Y = rs.randn(16, 2).astype("float32")
+
+
+def mlp(batchnorm=False):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((6,)), keras.layers.Dense(5, activation="tanh")]
+    if batchnorm:
+        layers.append(keras.layers.BatchNormalization())
+    return keras.Sequential(layers + [keras.layers.Dense(2)])
+
+
+def mse(y, pred):
+    return tf.reduce_mean(tf.square(pred - y))
+
+
+def one_step(strategy, sync, x=X, y=Y):
+    with strategy.scope():
+        model = ASAMModel(mlp(), sync_perturbation=sync, **VARIANT)
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    weights = [v.numpy() for v in model.trainable_variables]
+    model.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+    return weights, [v.numpy() for v in model.trainable_variables]
+
+
+def max_diff(a, b):
+    return float(max(np.abs(u - v).max() for u, v in zip(a, b)))
+
+
+def replicas_identical(strategy, variables):
+    """Max abs difference between the replicas' copies (0.0 = bitwise)."""
+    worst = 0.0
+    for v in variables:
+        values = [t.numpy() for t in
+                  strategy.experimental_local_results(v.value)]
+        for other in values[1:]:
+            if not np.array_equal(values[0], other):
+                worst = max(worst, float(np.abs(values[0] - other).max()))
+    return worst
+
+
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+single = tf.distribute.OneDeviceStrategy("/cpu:0")
+results = {"replicas": mirrored.num_replicas_in_sync}
+
+# sync_perturbation=True: the single-device step on the same global batch.
+_, single_after = one_step(single, sync=True)
+_, synced_after = one_step(mirrored, sync=True)
+results["sync_vs_single"] = max_diff(single_after, synced_after)
+
+# sync_perturbation=False: each replica perturbs with its own gradient; the
+# update is the mean of the per-replica adversarial gradients. Keras gives
+# replica r the rows [8r, 8r + 8) of the global batch.
+weights, local_after = one_step(mirrored, sync=False)
+halves = [reference.asam_gradients(mlp(), weights, X[s], Y[s], mse,
+                                   **VARIANT)["adv_grads"]
+          for s in (slice(0, 8), slice(8, 16))]
+expected = [w - LR * (a + b) / 2 for w, a, b in zip(weights, *halves)]
+results["local_vs_reference"] = max_diff(local_after, expected)
+results["local_vs_single"] = max_diff(local_after, single_after)
+
+# 20 steps: replicas' copies of weights and optimizer slots stay identical.
+for sync in (True, False):
+    with mirrored.scope():
+        model = ASAMModel(mlp(batchnorm=True), sync_perturbation=sync,
+                          **VARIANT)
+        model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
+                      loss="mse")
+    x = np.tile(X, (5, 1)) + rs.randn(80, 6).astype("float32")
+    y = np.tile(Y, (5, 1))
+    logs = model.fit(x, y, batch_size=16, epochs=4, verbose=0).history
+    results[f"sync={sync}"] = {
+        "weights": replicas_identical(mirrored, model.trainable_variables),
+        "optimizer": replicas_identical(mirrored, model.optimizer.variables),
+        "steps": int(model.optimizer.iterations.numpy()),
+        "loss_finite": bool(np.isfinite(logs["loss"]).all()),
+        "sharpness": logs["sharpness"][-1],
+    }
+
+print("RESULTS " + json.dumps(results))
