@@ -7,7 +7,8 @@ https://arxiv.org/abs/2102.11600
 
 from keras_asam import callbacks, perturbation
 from keras_asam.model import ASAMModel, SAMModel
+from keras_asam.sharpness import sharpness
 
 __version__ = "0.1.0"
 
-__all__ = ["ASAMModel", "SAMModel", "callbacks", "perturbation"]
+__all__ = ["ASAMModel", "SAMModel", "callbacks", "perturbation", "sharpness"]

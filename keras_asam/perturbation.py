@@ -161,3 +161,48 @@ def perturbation(
     else:
         raise ValueError(f"`p` must be 2 or inf. Received: p={p}")
     return eps
+
+
+def project(eps, weights, *, rho, scaled=None, adaptive=True, eta=0.01,
+            normalization="elementwise", p=2):
+    """Projects eps onto the ASAM ball ``||T_w^{-1} eps||_p <= rho``.
+
+    Used by multi-step (projected gradient ascent) sharpness estimates.
+
+    Args:
+        eps: List of tensors (or `None`).
+        weights: List of tensors, the values of w the ball is centred on.
+        rho, scaled, adaptive, eta, normalization, p: As in `perturbation`.
+
+    Returns:
+        List of float32 tensors (or `None`), aligned with `eps`.
+    """
+    if scaled is None:
+        scaled = [True] * len(eps)
+    present = [i for i, e in enumerate(eps) if e is not None]
+    scales = {
+        i: (
+            normalizer(weights[i], eta=eta, normalization=normalization)
+            if adaptive and scaled[i]
+            else tf.ones((), tf.float32)
+        )
+        for i in present
+    }
+    rho = tf.cast(rho, tf.float32)
+    projected = list(eps)
+    if p == 2:
+        # z = T_w^{-1} eps; shrink z onto the sphere when it leaves the ball.
+        norm = tf.sqrt(tf.add_n([
+            tf.reduce_sum(tf.square(tf.cast(eps[i], tf.float32) / scales[i]))
+            for i in present
+        ]))
+        shrink = tf.minimum(1.0, rho / (norm + NORM_EPSILON))
+        for i in present:
+            projected[i] = tf.cast(eps[i], tf.float32) * shrink
+    else:
+        for i in present:
+            bound = rho * scales[i]
+            projected[i] = tf.clip_by_value(
+                tf.cast(eps[i], tf.float32), -bound, bound
+            )
+    return projected
