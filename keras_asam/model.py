@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
 
-from keras_asam import distribute, validation
+from keras_asam import distribute, schedule, validation
 from keras_asam.perturbation import all_finite, is_bias, perturbation
 
 
@@ -58,6 +58,16 @@ class ASAMModel(keras.Model):
             (BatchNormalization moving statistics) are discarded, as in
             google-research/sam. If `True` both passes update them, as in
             the official ASAM PyTorch code.
+        asam_every: Integer >= 1. Run the perturbed pass only on steps where
+            `optimizer.iterations % asam_every == 0`; other steps are plain
+            base-optimizer steps (Composer's `SAM(interval=k)`). Defaults to
+            `1` (every step).
+        asam_probability: Float in (0, 1]. Run the perturbed pass on a step
+            with this probability (Randomized Sharpness-Aware Training, Zhao
+            et al., 2022). The draw is stateless, from `asam_seed` and
+            `optimizer.iterations`, so every replica and worker agrees.
+            Combined with `asam_every`, both conditions must hold.
+        asam_seed: Integer seed of those draws.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`, ...).
 
     Example:
@@ -85,6 +95,9 @@ class ASAMModel(keras.Model):
         p=2,
         sync_perturbation=False,
         keep_perturbed_state=False,
+        asam_every=1,
+        asam_probability=1.0,
+        asam_seed=schedule.DEFAULT_SEED,
         **kwargs,
     ):
         hyperparameters = dict(
@@ -99,6 +112,11 @@ class ASAMModel(keras.Model):
             keep_perturbed_state=validation.check_bool(
                 "keep_perturbed_state", keep_perturbed_state
             ),
+            asam_every=validation.check_positive_int("asam_every", asam_every),
+            asam_probability=validation.check_probability(
+                "asam_probability", asam_probability
+            ),
+            asam_seed=validation.check_seed("asam_seed", asam_seed),
         )
         model = _model_from_arguments(args, kwargs)
         super().__init__(**kwargs)
@@ -155,6 +173,18 @@ class ASAMModel(keras.Model):
     def keep_perturbed_state(self):
         return self._hyperparameters["keep_perturbed_state"]
 
+    @property
+    def asam_every(self):
+        return self._hyperparameters["asam_every"]
+
+    @property
+    def asam_probability(self):
+        return self._hyperparameters["asam_probability"]
+
+    @property
+    def asam_seed(self):
+        return self._hyperparameters["asam_seed"]
+
     # -- model -----------------------------------------------------------
 
     def call(self, inputs, training=None):
@@ -208,11 +238,55 @@ class ASAMModel(keras.Model):
         self._loss_tracker.update_state(
             unscale_loss_for_distribution(loss), sample_weight=batch_size
         )
-        if self.sync_perturbation:
-            gradients = distribute.all_reduce_sum(gradients)
 
-        # Ascent: w + eps, keeping a copy of w and of the state to restore.
-        eps = self.perturbation(gradients, variables)
+        # Pass 2 at w + eps on the steps the schedule picks (all by default).
+        def adversarial():
+            return self._adversarial_gradients(
+                x, y, sample_weight, variables, gradients
+            )
+
+        if self._perturbs_every_step():
+            descent_gradients, adversarial_loss = adversarial()
+            perturbed = tf.constant(True)
+        else:
+            perturbed = schedule.perturb_this_step(
+                self.optimizer.iterations,
+                every=self.asam_every,
+                probability=self.asam_probability,
+                seed=self.asam_seed,
+            )
+            present = [i for i, g in enumerate(gradients) if g is not None]
+
+            def pack(grads, adversarial_loss):
+                return [grads[i] for i in present], adversarial_loss
+
+            packed, adversarial_loss = tf.cond(
+                perturbed,
+                lambda: pack(*adversarial()),
+                lambda: pack(gradients, loss),
+            )
+            descent_gradients = list(gradients)
+            for i, g in zip(present, packed):
+                descent_gradients[i] = g
+
+        self.optimizer.apply_gradients(zip(descent_gradients, variables))
+        self._track_sharpness(adversarial_loss - loss, batch_size, perturbed)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs["sharpness"] = self._sharpness_tracker.result()
+        return logs
+
+    def _adversarial_gradients(self, x, y, sample_weight, variables,
+                               gradients):
+        """Ascent to w + eps, pass 2 there, and back to w exactly.
+
+        Returns the gradient to descend with and the loss at w + eps.
+        """
+        ascent_gradients = gradients
+        if self.sync_perturbation:
+            ascent_gradients = distribute.all_reduce_sum(gradients)
+        eps = self.perturbation(ascent_gradients, variables)
+
+        # Keep a copy of w and of the state to restore, then step to w + eps.
         saved_weights = [tf.identity(v.value) for v in variables]
         state = self._state_to_restore()
         saved_state = [tf.identity(v.value) for v in state]
@@ -220,23 +294,19 @@ class ASAMModel(keras.Model):
             if e is not None:
                 v.assign_add(tf.cast(e, v.dtype))
 
-        # Pass 2 at w + eps: the adversarial gradient.
         _, adversarial_loss, adversarial_gradients = self._loss_and_gradients(
             x, y, sample_weight
         )
 
-        # Back to w exactly, then descend with the adversarial gradient.
         for v, value in zip(variables + state, saved_weights + saved_state):
             v.assign(value)
-        adversarial_gradients = self._finite_or_clean(
-            adversarial_gradients, gradients
+        return (
+            self._finite_or_clean(adversarial_gradients, gradients),
+            adversarial_loss,
         )
-        self.optimizer.apply_gradients(zip(adversarial_gradients, variables))
 
-        self._track_sharpness(adversarial_loss - loss, batch_size)
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        logs["sharpness"] = self._sharpness_tracker.result()
-        return logs
+    def _perturbs_every_step(self):
+        return self.asam_every == 1 and self.asam_probability == 1.0
 
     def perturbation(self, gradients, variables):
         """eps for `variables` given their gradients, with this model's
@@ -318,10 +388,11 @@ class ASAMModel(keras.Model):
             for g_adv, g in zip(adversarial_gradients, gradients)
         ]
 
-    def _track_sharpness(self, sharpness, batch_size):
-        """Adds L(w + eps) - L(w) to the `sharpness` mean (finite only)."""
+    def _track_sharpness(self, sharpness, batch_size, perturbed):
+        """Adds L(w + eps) - L(w) to the `sharpness` mean, for the steps
+        that computed it (finite values only)."""
         sharpness = unscale_loss_for_distribution(sharpness)
-        finite = tf.math.is_finite(sharpness)
+        finite = tf.logical_and(tf.math.is_finite(sharpness), perturbed)
         self._sharpness_tracker.update_state(
             tf.where(finite, sharpness, 0.0),
             sample_weight=tf.where(finite, tf.cast(batch_size, "float32"), 0.0),

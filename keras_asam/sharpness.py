@@ -1,7 +1,6 @@
 """A meter for the (adaptive) sharpness of a Keras model on some data."""
 
 import math
-import numbers
 
 import keras
 import numpy as np
@@ -81,8 +80,8 @@ def sharpness(
         normalization=validation.check_normalization(normalization),
         p=validation.check_p(p),
     )
-    steps = _check_positive_int("steps", steps)
-    batch_size = _check_positive_int(
+    steps = validation.check_positive_int("steps", steps)
+    batch_size = validation.check_positive_int(
         "batch_size", 32 if batch_size is None else batch_size
     )
     loss_fn = _resolve_loss(model, loss)
@@ -171,18 +170,6 @@ class _MeanLoss:
         if total is None:
             return [None] * len(variables)
         return tape.gradient(total, variables)
-
-
-def _check_positive_int(name, value):
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, bool)
-        or value < 1
-    ):
-        raise ValueError(
-            f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 def _resolve_loss(model, loss):

@@ -57,3 +57,34 @@ def check_bool(name, value):
             f"`{name}` must be a boolean. Received: {name}={value!r}"
         )
     return value
+
+
+def check_positive_int(name, value):
+    """`value` as an int >= 1."""
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, bool)
+        or value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def check_probability(name, value):
+    """`value` as a float in (0, 1]."""
+    if not _is_real(value) or not 0 < value <= 1:
+        raise ValueError(
+            f"`{name}` must be a number in (0, 1]. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def check_seed(name, value):
+    """`value` as an int."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(
+            f"`{name}` must be an integer. Received: {name}={value!r}"
+        )
+    return int(value)
