@@ -38,3 +38,72 @@ def all_reduce_sum(tensors):
     for i, t in zip(present, reduced):
         result[i] = t
     return result
+
+
+# -- MultiWorkerMirroredStrategy workarounds ---------------------------------
+#
+# Plain `fit` fails under MultiWorkerMirroredStrategy in Keras 3 up to at
+# least 3.15 (keras-team/keras#20585):
+#   1. `_maybe_symbolic_build` feeds `PerReplica` batches to the symbolic
+#      build ("Attempt to convert a value (PerReplica...) to a Tensor");
+#   2. scalar logs are reduced with `strategy.reduce("MEAN", v, axis=0)`
+#      ("Invalid reduction dimension 0 for input with 0 dimensions").
+# `MultiWorkerFixes` mends both for the models that inherit from it, only
+# under that strategy and only for the Keras versions known to need it.
+
+LAST_KERAS_VERSION_NEEDING_FIXES = (3, 15)
+
+
+def _keras_version():
+    import keras
+
+    return tuple(int(part) for part in keras.version().split(".")[:2])
+
+
+def needs_multi_worker_fixes(strategy):
+    """Whether `strategy` is multi-worker on an affected Keras version."""
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and _keras_version() <= LAST_KERAS_VERSION_NEEDING_FIXES
+    )
+
+
+class MultiWorkerFixes:
+    """Mixin for a `keras.Model` (TensorFlow backend) that makes `fit` and
+    `evaluate` work under `MultiWorkerMirroredStrategy`."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None and needs_multi_worker_fixes(
+            self.distribute_strategy
+        ):
+            # Build from one replica's batch: only shapes and dtypes matter.
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    self._one_replica_value, next(it)
+                )
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(
+            iterator=iterator, data_batch=data_batch
+        )
+
+    def _one_replica_value(self, value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return self.distribute_strategy.experimental_local_results(value)[0]
+        return value
+
+    def _make_function(self, step_function):
+        if needs_multi_worker_fixes(self.distribute_strategy):
+            inner_step_function = step_function
+
+            def step_function(data):
+                # Scalars become shape [1] so that Keras' reduction over
+                # replicas along axis 0 works; it returns them as scalars.
+                return tf.nest.map_structure(
+                    lambda t: tf.reshape(t, [1])
+                    if isinstance(t, tf.Tensor) and t.shape.rank == 0
+                    else t,
+                    inner_step_function(data),
+                )
+
+        return super()._make_function(step_function)

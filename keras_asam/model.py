@@ -11,7 +11,7 @@ from keras_asam.perturbation import all_finite, is_bias, perturbation
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
-class ASAMModel(keras.Model):
+class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
     """A `keras.Model` whose `fit` trains with Adaptive Sharpness-Aware
     Minimization (ASAM).
 

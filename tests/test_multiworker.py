@@ -1,0 +1,83 @@
+"""ASAMModel.fit under MultiWorkerMirroredStrategy: 2 workers on 127.0.0.1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_asam import ASAMModel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _run_workers(output, sync):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        args = [sys.executable, os.path.join(HERE, "multiworker_script.py"),
+                "--output", str(output)] + (["--sync"] if sync else [])
+        processes.append(subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    outputs = []
+    try:
+        for p in processes:
+            outputs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in processes:
+            p.kill()
+    for p, out in zip(processes, outputs):
+        assert p.returncode == 0, out[-4000:]
+    return [dict(np.load(output / f"worker{i}.npz")) for i in range(2)]
+
+
+def _single_device_weights(sync):
+    # The same training on one device, global batches of 16.
+    rs = np.random.RandomState(0)
+    x = rs.randn(64, 6).astype("float32")
+    y = rs.randn(64, 2).astype("float32")
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((6,)),
+                              keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(2)])
+    model = ASAMModel(inner, rho=0.5, sync_perturbation=sync)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss="mse")
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16),
+              epochs=2, verbose=0)
+    return [v.numpy() for v in model.trainable_variables]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", [True, False])
+def test_two_workers_end_identical(tmp_path, sync):
+    first, second = _run_workers(tmp_path, sync)
+    weights = sorted(k for k in first if k.startswith("arr_"))
+    assert len(weights) == 4
+    for key in weights + ["loss", "sharpness"]:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    assert int(first["iterations"]) == 8
+    assert np.isfinite(first["loss"]).all()
+    if sync:
+        # Synced perturbation across workers is the single-device step.
+        for key, want in zip(weights, _single_device_weights(sync=True)):
+            np.testing.assert_allclose(first[key], want, atol=1e-5)
