@@ -29,6 +29,15 @@ def test_quickstart(tmp_path):
     assert str(tmp_path) in out
 
 
+@pytest.mark.slow
+def test_multiworker_launcher():
+    out = _run("multiworker.py", "--workers", "2", timeout=300)
+    finals = [line.split(": ", 1)[1] for line in out.splitlines()
+              if line.startswith("worker ") and "final loss" in line]
+    assert len(finals) == 2 and finals[0] == finals[1], out
+    assert "TF_CONFIG=" in out
+
+
 def test_examples_take_help():
     for script in sorted(os.listdir(EXAMPLES)):
         if script.endswith(".py"):
