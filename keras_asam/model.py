@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
 
 from keras_asam import distribute, schedule, validation
-from keras_asam.perturbation import all_finite, is_bias, perturbation
+from keras_asam.perturbation import is_bias, perturbation
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -301,7 +301,9 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         for v, value in zip(variables + state, saved_weights + saved_state):
             v.assign(value)
         return (
-            self._finite_or_clean(adversarial_gradients, gradients),
+            self._finite_or_clean(
+                adversarial_gradients, gradients, adversarial_loss
+            ),
             adversarial_loss,
         )
 
@@ -371,8 +373,10 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         unique = {id(v): v for v in state}
         return list(unique.values())
 
-    def _finite_or_clean(self, adversarial_gradients, gradients):
-        """The adversarial gradient, or the clean one if it is not finite.
+    def _finite_or_clean(self, adversarial_gradients, gradients,
+                         adversarial_loss):
+        """The adversarial gradient, or the clean one if L(w + eps) is not
+        finite.
 
         A huge `rho` can push w + eps where the loss overflows. Without loss
         scaling the step then falls back to the clean gradient instead of
@@ -381,12 +385,20 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         """
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             return adversarial_gradients
-        present = [g for g in adversarial_gradients if g is not None]
-        finite = all_finite(present)
-        return [
-            None if g_adv is None or g is None else tf.where(finite, g_adv, g)
-            for g_adv, g in zip(adversarial_gradients, gradients)
+        present = [
+            i
+            for i, (g_adv, g) in enumerate(zip(adversarial_gradients, gradients))
+            if g_adv is not None and g is not None
         ]
+        chosen = tf.cond(
+            tf.math.is_finite(adversarial_loss),
+            lambda: [adversarial_gradients[i] for i in present],
+            lambda: [gradients[i] for i in present],
+        )
+        result = [None] * len(gradients)
+        for i, g in zip(present, chosen):
+            result[i] = g
+        return result
 
     def _track_sharpness(self, sharpness, batch_size, perturbed):
         """Adds L(w + eps) - L(w) to the `sharpness` mean, for the steps

@@ -71,13 +71,6 @@ def normalizer(weight, *, eta=0.01, normalization="elementwise"):
     return tf.abs(weight) + eta
 
 
-def all_finite(tensors):
-    """Scalar boolean: every entry of every tensor is finite."""
-    return tf.reduce_all(
-        tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
-    )
-
-
 def perturbation(
     gradients,
     weights,
@@ -96,8 +89,9 @@ def perturbation(
         p = 2:    eps = rho * T_w^2 g / (||T_w g||_2 + 1e-16)
         p = inf:  eps = rho * T_w sign(g)
 
-    If any gradient entry is not finite (e.g. a float16 overflow), every eps
-    is 0: the step then falls back to a plain step at w.
+    If any gradient entry is not finite (e.g. a float16 overflow), or the
+    squared norm overflows float32, every eps is 0: the step then falls back
+    to a plain step at w.
 
     Args:
         gradients: List of tensors (or `None` for variables without gradient,
@@ -135,31 +129,42 @@ def perturbation(
         )
         for i in present
     }
-    finite = all_finite(list(grads.values()))
     rho = tf.cast(rho, tf.float32)
-
     if p == 2:
-        scaled_grads = {
+        directions = {
             i: grads[i] if scales[i] is None else scales[i] * grads[i]
             for i in present
         }
-        norm = tf.sqrt(
-            tf.add_n([tf.reduce_sum(tf.square(t)) for t in scaled_grads.values()])
-        )
-        factor = tf.where(finite, rho / (norm + NORM_EPSILON), 0.0)
-        for i in present:
-            direction = scaled_grads[i]
-            if scales[i] is not None:
-                direction = scales[i] * direction
-            eps[i] = tf.where(finite, factor * direction, 0.0)
     elif p == math.inf:
-        for i in present:
-            direction = tf.sign(grads[i])
-            if scales[i] is not None:
-                direction = scales[i] * direction
-            eps[i] = tf.where(finite, rho * direction, 0.0)
+        directions = grads
     else:
         raise ValueError(f"`p` must be 2 or inf. Received: p={p}")
+    # ||T_w g||_2 (||g||_2 for p = inf): not finite iff some entry is not
+    # (or the squared norm overflows float32), and then eps = 0.
+    norm = tf.sqrt(
+        2.0 * tf.add_n([tf.nn.l2_loss(directions[i]) for i in present])
+    )
+
+    def ascent():
+        if p == 2:
+            factor = rho / (norm + NORM_EPSILON)
+            return [
+                directions[i] * (factor if scales[i] is None
+                                 else factor * scales[i])
+                for i in present
+            ]
+        return [
+            tf.sign(grads[i]) * (rho if scales[i] is None
+                                 else rho * scales[i])
+            for i in present
+        ]
+
+    def no_ascent():
+        return [tf.zeros_like(grads[i]) for i in present]
+
+    values = tf.cond(tf.math.is_finite(norm), ascent, no_ascent)
+    for i, value in zip(present, values):
+        eps[i] = value
     return eps
 
 
