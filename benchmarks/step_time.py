@@ -169,6 +169,35 @@ def ratios(times):
     }
 
 
+def render_markdown(report):
+    """Markdown tables of a results report (as written to the JSON)."""
+    results = report["results"]
+    lines = ["| model | width | params | XLA | " + " | ".join(VARIANTS) + " |",
+             "|---|---|---|---|" + "---|" * len(VARIANTS)]
+    for r in results:
+        times = r["median_step_seconds"]
+        lines.append(
+            f"| {r['architecture']} | {r['width']} | {r['params']:,} | "
+            f"{'on' if r['jit'] else 'off'} | "
+            + " | ".join(f"{1000 * times[v]:.1f} ms" for v in VARIANTS) + " |")
+    names = list(results[0]["ratios"])
+    lines += ["", "| model | width | XLA | " + " | ".join(names) + " |",
+              "|---|---|---|" + "---|" * len(names)]
+    for r in results:
+        lines.append(
+            f"| {r['architecture']} | {r['width']} | "
+            f"{'on' if r['jit'] else 'off'} | "
+            + " | ".join(f"{r['ratios'][n]:.3f}" for n in names) + " |")
+    versions = report["versions"]
+    lines += ["", f"TensorFlow {versions['tensorflow']}, Keras "
+              f"{versions['keras']}, {report['machine']['cpu_count']} CPU "
+              f"cores, commit {str(report['commit'])[:10]}, "
+              f"{report['arguments']['rounds']} rounds of "
+              f"{report['arguments']['steps']} steps, batch "
+              f"{report['arguments']['batch_size']}."]
+    return "\n".join(lines) + "\n"
+
+
 def commit():
     try:
         return subprocess.check_output(
@@ -190,7 +219,14 @@ def main(argv=None):
                         help="3 rounds, CNN and MLP at width 1, no XLA")
     parser.add_argument("--output",
                         default=os.path.join(HERE, "results", "step_time.json"))
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="only print the Markdown tables of a results "
+                             "JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            print(render_markdown(json.load(f)), end="")
+        return
     if args.quick:
         args.rounds, args.widths, args.jit = 3, [1], "off"
     jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
@@ -210,8 +246,9 @@ def main(argv=None):
                     "median_step_seconds": times, "ratios": ratios(times),
                     "per_round_seconds": per_round,
                 })
+                xla = "on" if jit else "off"
                 lines.append(
-                    f"{architecture:<6} {width:>5} {'on' if jit else 'off':>4} | "
+                    f"{architecture:<6} {width:>5} {xla:>4} | "
                     + " ".join(f"{1000 * times[v]:>9.1f}ms" for v in VARIANTS))
                 print(lines[-1], flush=True)
 
@@ -227,21 +264,25 @@ def main(argv=None):
               f"{'on' if r['jit'] else 'off':>4} | "
               + " ".join(f"{r['ratios'][n]:>17.3f}" for n in names))
 
+    report = {
+        "machine": {"platform": platform.platform(),
+                    "processor": platform.processor(),
+                    "cpu_count": os.cpu_count()},
+        "versions": {"python": sys.version.split()[0],
+                     "tensorflow": tf.__version__,
+                     "keras": keras.version(),
+                     "keras_asam": keras_asam.__version__},
+        "commit": commit(),
+        "arguments": vars(args),
+        "results": results,
+    }
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({
-            "machine": {"platform": platform.platform(),
-                        "processor": platform.processor(),
-                        "cpu_count": os.cpu_count()},
-            "versions": {"python": sys.version.split()[0],
-                         "tensorflow": tf.__version__,
-                         "keras": keras.version(),
-                         "keras_asam": keras_asam.__version__},
-            "commit": commit(),
-            "arguments": vars(args),
-            "results": results,
-        }, f, indent=1)
-    print(f"\nWrote {args.output}")
+        json.dump(report, f, indent=1)
+    markdown = os.path.splitext(args.output)[0] + ".md"
+    with open(markdown, "w") as f:
+        f.write(render_markdown(report))
+    print(f"\nWrote {args.output} and {markdown}")
 
 
 if __name__ == "__main__":

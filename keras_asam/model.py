@@ -385,20 +385,13 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         """
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             return adversarial_gradients
-        present = [
-            i
-            for i, (g_adv, g) in enumerate(zip(adversarial_gradients, gradients))
-            if g_adv is not None and g is not None
+        # A select with a scalar predicate, not a `tf.cond`: under XLA a
+        # conditional returning every gradient costs more than the step.
+        finite = tf.math.is_finite(adversarial_loss)
+        return [
+            None if g_adv is None or g is None else tf.where(finite, g_adv, g)
+            for g_adv, g in zip(adversarial_gradients, gradients)
         ]
-        chosen = tf.cond(
-            tf.math.is_finite(adversarial_loss),
-            lambda: [adversarial_gradients[i] for i in present],
-            lambda: [gradients[i] for i in present],
-        )
-        result = [None] * len(gradients)
-        for i, g in zip(present, chosen):
-            result[i] = g
-        return result
 
     def _track_sharpness(self, sharpness, batch_size, perturbed):
         """Adds L(w + eps) - L(w) to the `sharpness` mean, for the steps

@@ -1,4 +1,4 @@
-"""The ascent of (A)SAM: the normalization operator T_w and the perturbation eps.
+"""The ascent of (A)SAM: the normalization operator T_w and perturbation eps.
 
 Pure functions of tensors, with no Keras model plumbing, so that the train
 step, the sharpness meter and the examples share one definition of eps.

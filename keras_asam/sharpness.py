@@ -124,7 +124,7 @@ def sharpness(
 
 
 class _MeanLoss:
-    """Mean loss over a dataset and its gradient, batch by batch."""
+    """Mean loss over a dataset (plus regularization) and its gradient."""
 
     def __init__(self, model, loss_fn):
         self.model = model
@@ -135,8 +135,9 @@ class _MeanLoss:
         with tf.GradientTape() as tape:
             y_pred = self.model(x, training=False)
             value = self.loss_fn(y, y_pred, sample_weight=sample_weight)
-        variables = self.model.trainable_variables
-        return value, tape.gradient(value, variables)
+            if self.model.losses:
+                value += tf.add_n(self.model.losses)
+        return value, tape.gradient(value, self.model.trainable_variables)
 
     def __call__(self, dataset):
         total, count, grads = 0.0, 0, None
@@ -146,30 +147,14 @@ class _MeanLoss:
             value, batch_grads = self.batch(x, y, sample_weight)
             total += float(value) * n
             count += n
-            batch_grads = [None if g is None else g * n for g in batch_grads]
-            grads = batch_grads if grads is None else [
+            weighted = [None if g is None else g * n for g in batch_grads]
+            grads = weighted if grads is None else [
                 a if b is None else (b if a is None else a + b)
-                for a, b in zip(grads, batch_grads)
+                for a, b in zip(grads, weighted)
             ]
         if count == 0:
             raise ValueError("`x` is empty: no data to measure sharpness on.")
-        regularization = sum(float(r) for r in self.model.losses)
-        grads = [None if g is None else g / count for g in grads]
-        regularization_grads = self._regularization_gradients()
-        grads = [
-            g if r is None else (r if g is None else g + r)
-            for g, r in zip(grads, regularization_grads)
-        ]
-        return total / count + regularization, grads
-
-    def _regularization_gradients(self):
-        variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            losses = self.model.losses
-            total = tf.add_n(losses) if losses else None
-        if total is None:
-            return [None] * len(variables)
-        return tape.gradient(total, variables)
+        return total / count, [None if g is None else g / count for g in grads]
 
 
 def _resolve_loss(model, loss):

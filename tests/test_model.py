@@ -251,7 +251,8 @@ def test_rho_scheduler_sets_rho_each_epoch():
     x, y = _data()
     model = ASAMModel(_mlp(), rho=0.5)
     model.compile(optimizer="sgd", loss="mse")
-    schedule = keras_asam.callbacks.RhoScheduler(lambda epoch, rho: 0.1 * (epoch + 1))
+    schedule = keras_asam.callbacks.RhoScheduler(
+        lambda epoch, rho: 0.1 * (epoch + 1))
     logs = model.fit(x, y, epochs=3, verbose=0, callbacks=[schedule]).history
     np.testing.assert_allclose(logs["rho"], [0.1, 0.2, 0.3], rtol=1e-6)
     assert model.rho == pytest.approx(0.3)
