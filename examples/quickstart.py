@@ -7,7 +7,7 @@ train/test loss gap, the final adaptive sharpness (measured with
 `keras_asam.sharpness`) and the time per epoch, and saves a PNG of the test
 accuracy and sharpness curves.
 
-    python examples/quickstart.py            # about 3-4 minutes on 2 cores
+    python examples/quickstart.py            # under 3 minutes on 2 cores
     python examples/quickstart.py --quick    # about 30 seconds
 
 ASAM minimises adaptive sharpness, so it is expected to end with a lower

@@ -86,17 +86,20 @@ expected = [w - LR * (a + b) / 2 for w, a, b in zip(weights, *halves)]
 results["local_vs_reference"] = max_diff(local_after, expected)
 results["local_vs_single"] = max_diff(local_after, single_after)
 
-# 20 steps: replicas' copies of weights and optimizer slots stay identical.
-for sync in (True, False):
+# 20 steps: replicas' copies of weights and optimizer slots stay identical,
+# also with a schedule that skips the perturbed pass on some steps.
+RUNS = {"sync=True": dict(sync_perturbation=True),
+        "sync=False": dict(sync_perturbation=False),
+        "schedule": dict(asam_every=2, asam_probability=0.7)}
+for name, kwargs in RUNS.items():
     with mirrored.scope():
-        model = ASAMModel(mlp(batchnorm=True), sync_perturbation=sync,
-                          **VARIANT)
+        model = ASAMModel(mlp(batchnorm=True), **kwargs, **VARIANT)
         model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
                       loss="mse")
     x = np.tile(X, (5, 1)) + rs.randn(80, 6).astype("float32")
     y = np.tile(Y, (5, 1))
     logs = model.fit(x, y, batch_size=16, epochs=4, verbose=0).history
-    results[f"sync={sync}"] = {
+    results[name] = {
         "weights": replicas_identical(mirrored, model.trainable_variables),
         "optimizer": replicas_identical(mirrored, model.optimizer.variables),
         "steps": int(model.optimizer.iterations.numpy()),

@@ -41,9 +41,9 @@ def test_local_perturbation_averages_per_replica_adversarial_gradients(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync", [True, False])
-def test_replicas_stay_bitwise_identical_for_20_steps(mirrored_results, sync):
-    run = mirrored_results[f"sync={sync}"]
+@pytest.mark.parametrize("run", ["sync=True", "sync=False", "schedule"])
+def test_replicas_stay_bitwise_identical_for_20_steps(mirrored_results, run):
+    run = mirrored_results[run]
     assert run["steps"] == 20
     assert run["loss_finite"] and run["sharpness"] > 0
     assert run["weights"] == 0.0

@@ -179,6 +179,35 @@ def test_wrapper_shares_weights_with_wrapped_model():
                                   inner.predict(x, verbose=0))
 
 
+class PlainSubclass(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4, activation="relu")
+        self.out = keras.layers.Dense(2)
+
+    def call(self, inputs, training=False):
+        return self.out(self.hidden(inputs))
+
+
+@pytest.mark.parametrize(
+    "make_inner",
+    [lambda: keras.Sequential([keras.layers.Dense(4, "relu"),
+                               keras.layers.Dense(2)]),
+     PlainSubclass],
+    ids=["unbuilt_sequential", "subclassed_model"],
+)
+def test_wrapping_unbuilt_and_subclassed_models(make_inner):
+    x, y = _data()
+    inner = make_inner()
+    model = ASAMModel(inner, rho=0.5)
+    model.compile(optimizer="sgd", loss="mse")
+    logs = model.fit(x, y, epochs=2, verbose=0).history
+    assert inner.built and len(model.trainable_variables) == 4
+    assert logs["loss"][1] < logs["loss"][0] and logs["sharpness"][0] > 0
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  inner.predict(x, verbose=0))
+
+
 def test_sam_model_defaults():
     model = SAMModel(_mlp())
     assert model.adaptive is False
