@@ -19,9 +19,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+import step_time  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import step_time  # noqa: E402
 from keras_asam.perturbation import is_bias, perturbation  # noqa: E402
 
 

@@ -239,10 +239,17 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
             unscale_loss_for_distribution(loss), sample_weight=batch_size
         )
 
+        # The ascent direction: this replica's gradient, or the global one.
+        # (Outside the schedule's `tf.cond`: TF allows no cross-replica sync
+        # inside control flow in replica context.)
+        ascent_gradients = gradients
+        if self.sync_perturbation:
+            ascent_gradients = distribute.all_reduce_sum(gradients)
+
         # Pass 2 at w + eps on the steps the schedule picks (all by default).
         def adversarial():
             return self._adversarial_gradients(
-                x, y, sample_weight, variables, gradients
+                x, y, sample_weight, variables, gradients, ascent_gradients
             )
 
         if self._perturbs_every_step():
@@ -276,14 +283,13 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         return logs
 
     def _adversarial_gradients(self, x, y, sample_weight, variables,
-                               gradients):
-        """Ascent to w + eps, pass 2 there, and back to w exactly.
+                               gradients, ascent_gradients):
+        """Ascent to w + eps along `ascent_gradients`, pass 2 there, and back
+        to w exactly.
 
-        Returns the gradient to descend with and the loss at w + eps.
+        Returns the gradient to descend with (this replica's, or the clean
+        `gradients` if L(w + eps) is not finite) and the loss at w + eps.
         """
-        ascent_gradients = gradients
-        if self.sync_perturbation:
-            ascent_gradients = distribute.all_reduce_sum(gradients)
         eps = self.perturbation(ascent_gradients, variables)
 
         # Keep a copy of w and of the state to restore, then step to w + eps.

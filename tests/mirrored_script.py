@@ -90,7 +90,8 @@ results["local_vs_single"] = max_diff(local_after, single_after)
 # also with a schedule that skips the perturbed pass on some steps.
 RUNS = {"sync=True": dict(sync_perturbation=True),
         "sync=False": dict(sync_perturbation=False),
-        "schedule": dict(asam_every=2, asam_probability=0.7)}
+        "schedule": dict(asam_every=2, asam_probability=0.7),
+        "schedule_sync": dict(asam_every=2, sync_perturbation=True)}
 for name, kwargs in RUNS.items():
     with mirrored.scope():
         model = ASAMModel(mlp(batchnorm=True), **kwargs, **VARIANT)

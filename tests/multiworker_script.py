@@ -17,6 +17,7 @@ import tensorflow as tf  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("--output", required=True)
 parser.add_argument("--sync", action="store_true")
+parser.add_argument("--asam-every", type=int, default=1)
 args = parser.parse_args()
 
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -40,7 +41,8 @@ with strategy.scope():
     inner = keras.Sequential([keras.Input((6,)),
                               keras.layers.Dense(8, activation="tanh"),
                               keras.layers.Dense(2)])
-    model = ASAMModel(inner, rho=0.5, sync_perturbation=args.sync)
+    model = ASAMModel(inner, rho=0.5, sync_perturbation=args.sync,
+                      asam_every=args.asam_every)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                   loss="mse")
 history = model.fit(dataset, epochs=2, verbose=0).history

@@ -41,7 +41,8 @@ def test_local_perturbation_averages_per_replica_adversarial_gradients(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["sync=True", "sync=False", "schedule"])
+@pytest.mark.parametrize(
+    "run", ["sync=True", "sync=False", "schedule", "schedule_sync"])
 def test_replicas_stay_bitwise_identical_for_20_steps(mirrored_results, run):
     run = mirrored_results[run]
     assert run["steps"] == 20
