@@ -391,13 +391,30 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         """
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             return adversarial_gradients
-        # A select with a scalar predicate, not a `tf.cond`: under XLA a
-        # conditional returning every gradient costs more than the step.
         finite = tf.math.is_finite(adversarial_loss)
-        return [
-            None if g_adv is None or g is None else tf.where(finite, g_adv, g)
-            for g_adv, g in zip(adversarial_gradients, gradients)
+        if self.jit_compile:
+            # Under XLA a select fuses into the update for free, while a
+            # conditional returning every gradient costs more than the step.
+            return [
+                None if g_adv is None or g is None
+                else tf.where(finite, g_adv, g)
+                for g_adv, g in zip(adversarial_gradients, gradients)
+            ]
+        # Without XLA a select is a pass over every gradient; a conditional
+        # only forwards one of the two lists.
+        present = [
+            i for i, g in enumerate(gradients)
+            if g is not None and adversarial_gradients[i] is not None
         ]
+        chosen = tf.cond(
+            finite,
+            lambda: [tf.identity(adversarial_gradients[i]) for i in present],
+            lambda: [tf.identity(gradients[i]) for i in present],
+        )
+        result = [None] * len(gradients)
+        for i, g in zip(present, chosen):
+            result[i] = g
+        return result
 
     def _track_sharpness(self, sharpness, batch_size, perturbed):
         """Adds L(w + eps) - L(w) to the `sharpness` mean, for the steps
