@@ -15,6 +15,15 @@ def num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def unscale_loss(loss):
+    """This replica's own loss from the `1 / num_replicas`-scaled one that
+    Keras losses return under a strategy (what Keras logs as `loss`)."""
+    replicas = num_replicas()
+    if replicas == 1:
+        return loss
+    return loss * tf.cast(replicas, loss.dtype)
+
+
 def all_reduce_sum(tensors):
     """Sums a list of tensors (entries may be `None`) over all replicas.
 

@@ -4,7 +4,6 @@ import math
 
 import keras
 import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution
 
 from keras_asam import distribute, schedule, validation
 from keras_asam.perturbation import is_bias, perturbation
@@ -236,7 +235,7 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         )
         variables = self.trainable_variables
         self._loss_tracker.update_state(
-            unscale_loss_for_distribution(loss), sample_weight=batch_size
+            distribute.unscale_loss(loss), sample_weight=batch_size
         )
 
         # The ascent direction: this replica's gradient, or the global one.
@@ -333,7 +332,8 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
     def _loss_and_gradients(self, x, y, sample_weight):
         """Forward and backward pass; returns (y_pred, loss, gradients).
 
-        `loss` is the unscaled per-replica loss; gradients, aligned with
+        `loss` is before loss scaling (under a strategy Keras has divided it
+        by the number of replicas); gradients, aligned with
         `self.trainable_variables`, are of the loss as scaled by a
         `LossScaleOptimizer`, if any.
         """
@@ -419,7 +419,7 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
     def _track_sharpness(self, sharpness, batch_size, perturbed):
         """Adds L(w + eps) - L(w) to the `sharpness` mean, for the steps
         that computed it (finite values only)."""
-        sharpness = unscale_loss_for_distribution(sharpness)
+        sharpness = distribute.unscale_loss(sharpness)
         finite = tf.logical_and(tf.math.is_finite(sharpness), perturbed)
         self._sharpness_tracker.update_state(
             tf.where(finite, sharpness, 0.0),
