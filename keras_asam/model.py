@@ -246,13 +246,15 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
             ascent_gradients = distribute.all_reduce_sum(gradients)
 
         # Pass 2 at w + eps on the steps the schedule picks (all by default).
+        # Returns the descent gradients followed by L(w + eps).
         def adversarial():
-            return self._adversarial_gradients(
+            descent, adversarial_loss = self._adversarial_gradients(
                 x, y, sample_weight, variables, gradients, ascent_gradients
             )
+            return [*descent, adversarial_loss]
 
         if self._perturbs_every_step():
-            descent_gradients, adversarial_loss = adversarial()
+            *descent_gradients, adversarial_loss = adversarial()
             perturbed = tf.constant(True)
         else:
             perturbed = schedule.perturb_this_step(
@@ -261,19 +263,12 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
                 probability=self.asam_probability,
                 seed=self.asam_seed,
             )
-            present = [i for i, g in enumerate(gradients) if g is not None]
-
-            def pack(grads, adversarial_loss):
-                return [grads[i] for i in present], adversarial_loss
-
-            packed, adversarial_loss = tf.cond(
+            *descent_gradients, adversarial_loss = _cond_lists(
                 perturbed,
-                lambda: pack(*adversarial()),
-                lambda: pack(gradients, loss),
+                adversarial,
+                lambda: [*gradients, loss],
+                like=[*gradients, loss],
             )
-            descent_gradients = list(gradients)
-            for i, g in zip(present, packed):
-                descent_gradients[i] = g
 
         self.optimizer.apply_gradients(zip(descent_gradients, variables))
         self._track_sharpness(adversarial_loss - loss, batch_size, perturbed)
@@ -402,19 +397,15 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
             ]
         # Without XLA a select is a pass over every gradient; a conditional
         # only forwards one of the two lists.
-        present = [
-            i for i, g in enumerate(gradients)
-            if g is not None and adversarial_gradients[i] is not None
-        ]
-        chosen = tf.cond(
+        return _cond_lists(
             finite,
-            lambda: [tf.identity(adversarial_gradients[i]) for i in present],
-            lambda: [tf.identity(gradients[i]) for i in present],
+            lambda: adversarial_gradients,
+            lambda: gradients,
+            like=[
+                None if g_adv is None else g
+                for g_adv, g in zip(adversarial_gradients, gradients)
+            ],
         )
-        result = [None] * len(gradients)
-        for i, g in zip(present, chosen):
-            result[i] = g
-        return result
 
     def _track_sharpness(self, sharpness, batch_size, perturbed):
         """Adds L(w + eps) - L(w) to the `sharpness` mean, for the steps
@@ -446,6 +437,24 @@ class SAMModel(ASAMModel):
 
     def __init__(self, *args, rho=0.05, adaptive=False, **kwargs):
         super().__init__(*args, rho=rho, adaptive=adaptive, **kwargs)
+
+
+def _cond_lists(pred, true_fn, false_fn, like):
+    """`tf.cond` over two lists of tensors that may hold `None`.
+
+    Only the entries that are not `None` in `like` go through the
+    conditional; the others come back as `None`.
+    """
+    present = [i for i, t in enumerate(like) if t is not None]
+
+    def take(values):
+        return [values[i] for i in present]
+
+    chosen = tf.cond(pred, lambda: take(true_fn()), lambda: take(false_fn()))
+    result = [None] * len(like)
+    for i, value in zip(present, chosen):
+        result[i] = value
+    return result
 
 
 def _model_from_arguments(args, kwargs):
