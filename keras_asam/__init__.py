@@ -5,10 +5,18 @@ Scale-Invariant Learning of Deep Neural Networks", ICML 2021,
 https://arxiv.org/abs/2102.11600
 """
 
-from keras_asam import callbacks, perturbation
+from keras_asam import callbacks, directions, perturbation, schedules
 from keras_asam.model import ASAMModel, SAMModel
 from keras_asam.sharpness import sharpness
 
 __version__ = "0.1.0"
 
-__all__ = ["ASAMModel", "SAMModel", "callbacks", "perturbation", "sharpness"]
+__all__ = [
+    "ASAMModel",
+    "SAMModel",
+    "callbacks",
+    "directions",
+    "perturbation",
+    "schedules",
+    "sharpness",
+]

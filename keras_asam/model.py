@@ -1,16 +1,21 @@
-"""`ASAMModel` and `SAMModel`: Keras models that train with (A)SAM in `fit`."""
+"""`ASAMModel` and `SAMModel`: Keras models that train with (A)SAM in `fit`.
+
+This module holds the construction, hyperparameters and configuration; the
+train step is in `tensorflow_step.py`, the maths in `perturbation.py` and
+`directions.py`.
+"""
 
 import math
 
 import keras
-import tensorflow as tf
+import numpy as np
 
-from keras_asam import distribute, schedule, validation
-from keras_asam.perturbation import is_bias, perturbation
+from keras_asam import distribute, schedule, selection, validation
+from keras_asam.tensorflow_step import TensorFlowTrainStep
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
-class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
+class ASAMModel(distribute.MultiWorkerFixes, TensorFlowTrainStep, keras.Model):
     """A `keras.Model` whose `fit` trains with Adaptive Sharpness-Aware
     Minimization (ASAM).
 
@@ -40,13 +45,35 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
 
     Args:
         model: Optional `keras.Model` to wrap (positional).
-        rho: Float > 0. Radius of the neighbourhood. Readable and settable
-            during training (`model.rho = 0.3`) without retracing.
-            Defaults to `0.5` (the official code's CIFAR-10 value).
+        rho: Float >= 0, or a `keras.optimizers.schedules.LearningRateSchedule`
+            evaluated every step at the optimizer's learning-rate counter
+            (see `keras_asam.schedules`). Radius of the neighbourhood; 0
+            turns the perturbed pass off. A float can be read and set during
+            training (`model.rho = 0.3`) without retracing. Defaults to `0.5`
+            (the official code's CIFAR-10 value).
         eta: Float >= 0. Offset in `T_w = |w| + eta`. Defaults to `0.01`.
         adaptive: Boolean. ASAM if `True`, SAM if `False`.
         normalization: `"elementwise"` (default) or `"filterwise"`.
         p: `2` (default) or `float("inf")`.
+        num_batch_splits: Integer >= 1. Split each replica's batch into this
+            many parts (sizes as in `numpy.array_split`); each part perturbs
+            along its own gradient and the descent uses the size-weighted
+            mean of the parts' adversarial gradients (m-sharpness, Foret et
+            al., 2021; Keras 2's `num_batch_splits`). Defaults to `1`.
+        perturb: Which variables the ascent moves: `None` (all trainable
+            variables, default), `"normalization"` (the variables of
+            normalization layers: SAM-ON, Mueller et al., 2023), a list of
+            regular expressions matched with `re.search` against
+            `variable.path`, or a callable `variable -> bool`. Every
+            trainable variable is still updated.
+        gsam_alpha: Float >= 0. GSAM (Zhuang et al., 2022): descend along
+            `g_adv - alpha * (g - (g . g_adv / ||g_adv||^2) g_adv)`.
+            Defaults to `0.0` (off).
+        looksam_alpha: Float >= 0. LookSAM (Liu et al., 2022): on the steps
+            that skip the perturbed pass (`asam_every`, `asam_probability`)
+            descend along `g + alpha ||g|| / ||g_v|| g_v`, with `g_v` the
+            part of the last `g_adv` orthogonal to its `g`. Defaults to `0.0`
+            (off).
         sync_perturbation: Boolean. Under `tf.distribute`, if `True` the first
             gradient is summed over replicas so that every replica perturbs
             with the global-batch gradient (the single-device step). If
@@ -82,6 +109,9 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
     References:
         - [Kwon et al., 2021](https://arxiv.org/abs/2102.11600)
         - [Foret et al., 2021](https://arxiv.org/abs/2010.01412)
+        - [Zhuang et al., 2022](https://arxiv.org/abs/2203.08065)
+        - [Liu et al., 2022](https://arxiv.org/abs/2203.02714)
+        - [Mueller et al., 2023](https://arxiv.org/abs/2306.04226)
     """
 
     def __init__(
@@ -92,6 +122,10 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         adaptive=True,
         normalization="elementwise",
         p=2,
+        num_batch_splits=1,
+        perturb=None,
+        gsam_alpha=0.0,
+        looksam_alpha=0.0,
         sync_perturbation=False,
         keep_perturbed_state=False,
         asam_every=1,
@@ -99,12 +133,20 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         asam_seed=schedule.DEFAULT_SEED,
         **kwargs,
     ):
+        rho = validation.check_rho_or_schedule(rho)
         hyperparameters = dict(
-            rho=validation.check_rho(rho),
             eta=validation.check_eta(eta),
             adaptive=validation.check_bool("adaptive", adaptive),
             normalization=validation.check_normalization(normalization),
             p=validation.check_p(p),
+            num_batch_splits=validation.check_positive_int(
+                "num_batch_splits", num_batch_splits
+            ),
+            perturb=selection.check_perturb(perturb),
+            gsam_alpha=validation.check_alpha("gsam_alpha", gsam_alpha),
+            looksam_alpha=validation.check_alpha(
+                "looksam_alpha", looksam_alpha
+            ),
             sync_perturbation=validation.check_bool(
                 "sync_perturbation", sync_perturbation
             ),
@@ -117,17 +159,27 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
             ),
             asam_seed=validation.check_seed("asam_seed", asam_seed),
         )
+        validation.check_variant_combination(hyperparameters)
         model = _model_from_arguments(args, kwargs)
         super().__init__(**kwargs)
         self._hyperparameters = hyperparameters
+        self._rho_schedule = None if isinstance(rho, float) else rho
         self.wrapped_model = model
         self._rho = self.add_weight(
             shape=(),
-            initializer=keras.initializers.Constant(hyperparameters["rho"]),
+            initializer=keras.initializers.Constant(
+                rho if self._rho_schedule is None else 0.0
+            ),
             dtype="float32",
             trainable=False,
             autocast=False,
             name="rho",
+        )
+        # LookSAM's stored direction g_v, one variable per trainable
+        # variable, created once those exist (`_create_own_state`).
+        self._looksam_store = (
+            _DirectionStore(name="looksam_direction")
+            if hyperparameters["looksam_alpha"] > 0 else None
         )
         # Kept out of `self.metrics`, so `evaluate` logs exactly what a plain
         # model logs; `train_step` adds it to the training logs.
@@ -136,17 +188,57 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         )
         if model is not None and model.built:
             self.built = True
+            self._create_own_state()
 
     # -- hyperparameters -------------------------------------------------
 
     @property
     def rho(self):
-        """Float. Radius of the neighbourhood; settable during training."""
-        return float(keras.ops.convert_to_numpy(self._rho))
+        """Float. Radius of the neighbourhood at the current step.
+
+        Settable during training (`model.rho = 0.3`) when it is a number;
+        reads back the value that was set (the shortest decimal that rounds
+        to the stored float32). With a schedule, its value at the current
+        step (negative or non-finite values read as 0, as the step uses
+        them).
+        """
+        if self._rho_schedule is None:
+            value = keras.ops.convert_to_numpy(self._rho)
+        else:
+            value = keras.ops.convert_to_numpy(
+                self._rho_schedule(self._learning_rate_counter())
+            )
+            if not np.isfinite(value) or value < 0:
+                value = 0.0
+        return float(np.format_float_positional(np.float32(value),
+                                                unique=True, trim="0"))
 
     @rho.setter
     def rho(self, value):
+        if self._rho_schedule is not None:
+            raise ValueError(
+                "`rho` is a schedule "
+                f"({type(self._rho_schedule).__name__}) and cannot be set "
+                "(nor driven by `RhoScheduler`). Build the model with a "
+                f"number as `rho` to set it. Received: rho={value!r}"
+            )
         self._rho.assign(validation.check_rho(value))
+
+    @property
+    def rho_schedule(self):
+        """The `LearningRateSchedule` given as `rho`, or `None`."""
+        return self._rho_schedule
+
+    def _learning_rate_counter(self):
+        """The counter at which the optimizer evaluates its learning-rate
+        schedule (`_iterations` of the innermost optimizer: under
+        `gradient_accumulation_steps` that is not `optimizer.iterations`)."""
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is None:
+            return 0
+        while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer
+        return optimizer._iterations
 
     @property
     def eta(self):
@@ -163,6 +255,22 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
     @property
     def p(self):
         return self._hyperparameters["p"]
+
+    @property
+    def num_batch_splits(self):
+        return self._hyperparameters["num_batch_splits"]
+
+    @property
+    def perturb(self):
+        return self._hyperparameters["perturb"]
+
+    @property
+    def gsam_alpha(self):
+        return self._hyperparameters["gsam_alpha"]
+
+    @property
+    def looksam_alpha(self):
+        return self._hyperparameters["looksam_alpha"]
 
     @property
     def sync_perturbation(self):
@@ -184,6 +292,59 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
     def asam_seed(self):
         return self._hyperparameters["asam_seed"]
 
+    # -- ASAM's own state ----------------------------------------------------
+
+    @property
+    def _looksam_direction(self):
+        if self._looksam_store is None:
+            return []
+        return self._looksam_store.directions
+
+    def _create_own_state(self):
+        """Creates LookSAM's g_v once the trainable variables exist."""
+        store = self._looksam_store
+        if store is not None and not store.directions:
+            variables = self.trainable_variables
+            if variables:
+                store.create(variables)
+
+    def build_from_config(self, config):
+        super().build_from_config(config)
+        self._create_own_state()
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        with self.distribute_strategy.scope():
+            self._create_own_state()
+
+    # With `num_batch_splits` > 1 the parts of a batch have sizes XLA cannot
+    # know when it compiles the loop over them: `jit_compile="auto"`
+    # resolves to `False` and `jit_compile=True` raises.
+
+    def _resolve_auto_jit_compile(self):
+        if self.num_batch_splits > 1:
+            return False
+        return super()._resolve_auto_jit_compile()
+
+    @keras.Model.jit_compile.setter
+    def jit_compile(self, value):
+        if value and self.num_batch_splits > 1:
+            raise ValueError(
+                "`num_batch_splits` > 1 does not compile with XLA: the "
+                "parts' sizes are not static. Use `jit_compile=False`. "
+                "Received: jit_compile=True, num_batch_splits="
+                f"{self.num_batch_splits}"
+            )
+        keras.Model.jit_compile.fset(self, value)
+
+    def count_params(self):
+        """The number of scalars in the model's weights, without ASAM's own
+        state (`rho`, LookSAM's direction): the wrapped model's count."""
+        own = {id(v) for v in self._own_state()}
+        return int(sum(
+            math.prod(v.shape) for v in self.weights if id(v) not in own
+        ))
+
     # -- model -----------------------------------------------------------
 
     def call(self, inputs, training=None):
@@ -199,7 +360,13 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(self._hyperparameters)
-        config["rho"] = self.rho
+        config["perturb"] = selection.serialize_perturb(self.perturb)
+        if self._rho_schedule is None:
+            config["rho"] = self.rho
+        else:
+            config["rho"] = keras.optimizers.schedules.serialize(
+                self._rho_schedule
+            )
         if config["p"] == math.inf:
             config["p"] = "inf"
         if self.wrapped_model is not None:
@@ -221,201 +388,28 @@ class ASAMModel(distribute.MultiWorkerFixes, keras.Model):
         super().reset_metrics()
         self._sharpness_tracker.reset_state()
 
-    # -- training --------------------------------------------------------
 
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        batch_size = tf.shape(
-            next(t for t in tf.nest.flatten(x) if t is not None)
-        )[0]
+class _DirectionStore(keras.layers.Layer):
+    """Holds one float32 variable per trainable variable (LookSAM's g_v),
+    zero until the first perturbed step; saved with the model."""
 
-        # Pass 1 at w: the loss, the metrics and the ascent direction.
-        y_pred, loss, gradients = self._loss_and_gradients(
-            x, y, sample_weight
-        )
-        variables = self.trainable_variables
-        self._loss_tracker.update_state(
-            distribute.unscale_loss(loss), sample_weight=batch_size
-        )
+    def __init__(self, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self.directions = []
 
-        # The ascent direction: this replica's gradient, or the global one.
-        # (Outside the schedule's `tf.cond`: TF allows no cross-replica sync
-        # inside control flow in replica context.)
-        ascent_gradients = gradients
-        if self.sync_perturbation:
-            ascent_gradients = distribute.all_reduce_sum(gradients)
-
-        # Pass 2 at w + eps on the steps the schedule picks (all by default).
-        # Returns the descent gradients followed by L(w + eps).
-        def adversarial():
-            descent, adversarial_loss = self._adversarial_gradients(
-                x, y, sample_weight, variables, gradients, ascent_gradients
+    def create(self, variables):
+        self.directions = [
+            self.add_weight(
+                shape=v.shape,
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+                name=f"direction_{i}",
             )
-            return [*descent, adversarial_loss]
-
-        if self._perturbs_every_step():
-            *descent_gradients, adversarial_loss = adversarial()
-            perturbed = tf.constant(True)
-        else:
-            perturbed = schedule.perturb_this_step(
-                self.optimizer.iterations,
-                every=self.asam_every,
-                probability=self.asam_probability,
-                seed=self.asam_seed,
-            )
-            *descent_gradients, adversarial_loss = _cond_lists(
-                perturbed,
-                adversarial,
-                lambda: [*gradients, loss],
-                like=[*gradients, loss],
-            )
-
-        self.optimizer.apply_gradients(zip(descent_gradients, variables))
-        self._track_sharpness(adversarial_loss - loss, batch_size, perturbed)
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        logs["sharpness"] = self._sharpness_tracker.result()
-        return logs
-
-    def _adversarial_gradients(self, x, y, sample_weight, variables,
-                               gradients, ascent_gradients):
-        """Ascent to w + eps along `ascent_gradients`, pass 2 there, and back
-        to w exactly.
-
-        Returns the gradient to descend with (this replica's, or the clean
-        `gradients` if L(w + eps) is not finite) and the loss at w + eps.
-        """
-        eps = self.perturbation(ascent_gradients, variables)
-
-        # Keep a copy of w and of the state to restore, then step to w + eps.
-        saved_weights = [tf.identity(v.value) for v in variables]
-        state = self._state_to_restore()
-        saved_state = [tf.identity(v.value) for v in state]
-        for v, e in zip(variables, eps):
-            if e is not None:
-                v.assign_add(tf.cast(e, v.dtype))
-
-        _, adversarial_loss, adversarial_gradients = self._loss_and_gradients(
-            x, y, sample_weight
-        )
-
-        for v, value in zip(variables + state, saved_weights + saved_state):
-            v.assign(value)
-        return (
-            self._finite_or_clean(
-                adversarial_gradients, gradients, adversarial_loss
-            ),
-            adversarial_loss,
-        )
-
-    def _perturbs_every_step(self):
-        return self.asam_every == 1 and self.asam_probability == 1.0
-
-    def perturbation(self, gradients, variables):
-        """eps for `variables` given their gradients, with this model's
-        hyperparameters (see `keras_asam.perturbation.perturbation`)."""
-        return perturbation(
-            gradients,
-            [v.value for v in variables],
-            rho=self._rho,
-            scaled=[not is_bias(v.path) for v in variables],
-            adaptive=self.adaptive,
-            eta=self.eta,
-            normalization=self.normalization,
-            p=self.p,
-        )
-
-    def _loss_and_gradients(self, x, y, sample_weight):
-        """Forward and backward pass; returns (y_pred, loss, gradients).
-
-        `loss` is before loss scaling (under a strategy Keras has divided it
-        by the number of replicas); gradients, aligned with
-        `self.trainable_variables`, are of the loss as scaled by a
-        `LossScaleOptimizer`, if any.
-        """
-        with tf.GradientTape() as tape:
-            if self._call_has_training_arg:
-                y_pred = self(x, training=True)
-            else:
-                y_pred = self(x)
-            loss = self._compute_loss(
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=True,
-            )
-            scaled_loss = self.optimizer.scale_loss(loss)
-        # Read after the forward pass, which builds an unbuilt model.
-        variables = self.trainable_variables
-        if not variables:
-            raise ValueError(
-                f"Model {self.name} has no trainable weights: ASAM has "
-                "nothing to perturb or update. Check `trainable` on the "
-                "model and its layers."
-            )
-        return y_pred, loss, tape.gradient(scaled_loss, variables)
-
-    def _state_to_restore(self):
-        """Variables whose perturbed-pass changes are discarded.
-
-        Metric variables always (the perturbed loss must not be counted in
-        per-output loss metrics); non-trainable float variables (BatchNorm
-        moving statistics) unless `keep_perturbed_state`. Integer state such
-        as random seed generators advances normally.
-        """
-        state = [v for m in self.metrics for v in m.variables]
-        if not self.keep_perturbed_state:
-            state += [
-                v
-                for v in self.non_trainable_variables
-                if v is not self._rho
-                and keras.backend.is_float_dtype(v.dtype)
-            ]
-        unique = {id(v): v for v in state}
-        return list(unique.values())
-
-    def _finite_or_clean(self, adversarial_gradients, gradients,
-                         adversarial_loss):
-        """The adversarial gradient, or the clean one if L(w + eps) is not
-        finite.
-
-        A huge `rho` can push w + eps where the loss overflows. Without loss
-        scaling the step then falls back to the clean gradient instead of
-        writing NaN weights. A `LossScaleOptimizer` gets the adversarial
-        gradient as is: it skips non-finite steps and lowers its scale.
-        """
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            return adversarial_gradients
-        finite = tf.math.is_finite(adversarial_loss)
-        if self.jit_compile:
-            # Under XLA a select fuses into the update for free, while a
-            # conditional returning every gradient costs more than the step.
-            return [
-                None if g_adv is None or g is None
-                else tf.where(finite, g_adv, g)
-                for g_adv, g in zip(adversarial_gradients, gradients)
-            ]
-        # Without XLA a select is a pass over every gradient; a conditional
-        # only forwards one of the two lists.
-        return _cond_lists(
-            finite,
-            lambda: adversarial_gradients,
-            lambda: gradients,
-            like=[
-                None if g_adv is None else g
-                for g_adv, g in zip(adversarial_gradients, gradients)
-            ],
-        )
-
-    def _track_sharpness(self, sharpness, batch_size, perturbed):
-        """Adds L(w + eps) - L(w) to the `sharpness` mean, for the steps
-        that computed it (finite values only)."""
-        sharpness = distribute.unscale_loss(sharpness)
-        finite = tf.logical_and(tf.math.is_finite(sharpness), perturbed)
-        self._sharpness_tracker.update_state(
-            tf.where(finite, sharpness, 0.0),
-            sample_weight=tf.where(finite, tf.cast(batch_size, "float32"), 0.0),
-        )
+            for i, v in enumerate(variables)
+        ]
+        self.built = True
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -437,24 +431,6 @@ class SAMModel(ASAMModel):
 
     def __init__(self, *args, rho=0.05, adaptive=False, **kwargs):
         super().__init__(*args, rho=rho, adaptive=adaptive, **kwargs)
-
-
-def _cond_lists(pred, true_fn, false_fn, like):
-    """`tf.cond` over two lists of tensors that may hold `None`.
-
-    Only the entries that are not `None` in `like` go through the
-    conditional; the others come back as `None`.
-    """
-    present = [i for i, t in enumerate(like) if t is not None]
-
-    def take(values):
-        return [values[i] for i in present]
-
-    chosen = tf.cond(pred, lambda: take(true_fn()), lambda: take(false_fn()))
-    result = [None] * len(like)
-    for i, value in zip(present, chosen):
-        result[i] = value
-    return result
 
 
 def _model_from_arguments(args, kwargs):

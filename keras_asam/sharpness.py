@@ -6,8 +6,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_asam import validation
+from keras_asam import selection, validation
 from keras_asam.perturbation import is_bias, perturbation, project
+
+DEFAULTS = dict(adaptive=True, eta=0.01, normalization="elementwise", p=2,
+                perturb=None)
 
 
 def sharpness(
@@ -15,11 +18,12 @@ def sharpness(
     x,
     y=None,
     *,
-    rho,
-    adaptive=True,
-    eta=0.01,
-    normalization="elementwise",
-    p=2,
+    rho=None,
+    adaptive=None,
+    eta=None,
+    normalization=None,
+    p=None,
+    perturb=None,
     steps=1,
     batch_size=None,
     loss=None,
@@ -41,16 +45,24 @@ def sharpness(
     is off), plus the model's regularization losses. The model's weights and
     state are exactly as before when the function returns or raises.
 
+    When `model` is an `ASAMModel`, every hyperparameter of the meter
+    (`rho`, `eta`, `adaptive`, `normalization`, `p`, `perturb`) defaults to
+    the model's own (its current `rho`); explicit arguments override them.
+    For any other model `rho` is required and the others default to ASAM's
+    defaults.
+
     Args:
         model: A built `keras.Model`.
         x: Input data: NumPy array(s) or a `tf.data.Dataset` of `(x, y)` or
             `(x, y, sample_weight)` batches.
         y: Targets, when `x` is not a dataset.
-        rho: Float > 0. Radius of the neighbourhood.
-        adaptive: Boolean. Adaptive (ASAM) sharpness if `True`.
+        rho: Float >= 0. Radius of the neighbourhood.
+        adaptive: Boolean. Adaptive (ASAM) sharpness if `True` (default).
         eta: Float >= 0. Offset of `T_w`. Defaults to `0.01`.
-        normalization: `"elementwise"` or `"filterwise"`.
-        p: `2` or `float("inf")`.
+        normalization: `"elementwise"` (default) or `"filterwise"`.
+        p: `2` (default) or `float("inf")`.
+        perturb: Which variables move, as `ASAMModel(perturb=...)`; `"all"`
+            for every trainable variable. Defaults to all.
         steps: Integer >= 1. Steps of projected gradient ascent.
         batch_size: Integer >= 1 for NumPy data. Defaults to `32`.
         loss: Optional loss (name, function or `keras.losses.Loss`).
@@ -73,13 +85,28 @@ def sharpness(
             "`model` must be a `keras.Model`. Received: "
             f"model={model!r} (of type {type(model).__name__})"
         )
+    given = dict(rho=rho, adaptive=adaptive, eta=eta,
+                 normalization=normalization, p=p, perturb=perturb)
+    settings = _model_settings(model)
+    for name, value in given.items():
+        if value is not None:
+            settings[name] = value
+    if settings.get("rho") is None:
+        raise ValueError(
+            "`rho` is required unless `model` is an `ASAMModel` (whose own "
+            f"rho is then used). Received: rho=None for model {model.name}"
+        )
     hyperparameters = dict(
-        rho=validation.check_rho(rho),
-        adaptive=validation.check_bool("adaptive", adaptive),
-        eta=validation.check_eta(eta),
-        normalization=validation.check_normalization(normalization),
-        p=validation.check_p(p),
+        rho=validation.check_rho(settings["rho"]),
+        adaptive=validation.check_bool("adaptive", settings["adaptive"]),
+        eta=validation.check_eta(settings["eta"]),
+        normalization=validation.check_normalization(
+            settings["normalization"]
+        ),
+        p=validation.check_p(settings["p"]),
     )
+    perturb = settings["perturb"]
+    perturb = None if perturb == "all" else selection.check_perturb(perturb)
     steps = validation.check_positive_int("steps", steps)
     batch_size = validation.check_positive_int(
         "batch_size", 32 if batch_size is None else batch_size
@@ -98,6 +125,7 @@ def sharpness(
             "undefined."
         )
     scaled = [not is_bias(v.path) for v in variables]
+    chosen = selection.selected(perturb, model, variables)
     saved = [tf.identity(v) for v in model.variables]
     objective = _MeanLoss(model, loss_fn)
     try:
@@ -106,7 +134,8 @@ def sharpness(
         best = -math.inf
         weights = [tf.identity(v) for v in variables]
         for _ in range(steps):
-            step = perturbation(gradients, weights, scaled=scaled,
+            ascent = [g if c else None for g, c in zip(gradients, chosen)]
+            step = perturbation(ascent, weights, scaled=scaled,
                                 **hyperparameters)
             eps = step if eps is None else [
                 s if e is None else e + s for e, s in zip(eps, step)
@@ -121,6 +150,18 @@ def sharpness(
         for v, value in zip(model.variables, saved):
             v.assign(value)
     return float(best)
+
+
+def _model_settings(model):
+    """The meter's defaults: an `ASAMModel`'s own hyperparameters, else
+    ASAM's defaults and no `rho`."""
+    from keras_asam.model import ASAMModel
+
+    if isinstance(model, ASAMModel):
+        return dict(rho=model.rho, adaptive=model.adaptive, eta=model.eta,
+                    normalization=model.normalization, p=model.p,
+                    perturb=model.perturb)
+    return dict(DEFAULTS, rho=None)
 
 
 class _MeanLoss:

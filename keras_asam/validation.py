@@ -6,6 +6,8 @@ Each function returns the normalized value or raises before any state changes.
 import math
 import numbers
 
+import keras
+
 from keras_asam.perturbation import NORMALIZATIONS
 
 
@@ -14,12 +16,38 @@ def _is_real(value):
 
 
 def check_rho(rho):
-    """`rho` as a float; it must be finite and > 0."""
-    if not _is_real(rho) or not math.isfinite(rho) or rho <= 0:
+    """`rho` as a float; it must be finite and >= 0 (0 turns ASAM off)."""
+    if not _is_real(rho) or not math.isfinite(rho) or rho < 0:
         raise ValueError(
-            f"`rho` must be a finite number > 0. Received: rho={rho!r}"
+            f"`rho` must be a finite number >= 0. Received: rho={rho!r}"
         )
     return float(rho)
+
+
+def check_rho_or_schedule(rho):
+    """`rho` as a float >= 0 or a `LearningRateSchedule` of the step."""
+    if isinstance(rho, keras.optimizers.schedules.LearningRateSchedule):
+        return rho
+    if isinstance(rho, dict) and "class_name" in rho:
+        return keras.optimizers.schedules.deserialize(rho)
+    if callable(rho) and not _is_real(rho):
+        raise ValueError(
+            "`rho` must be a number >= 0 or a "
+            "`keras.optimizers.schedules.LearningRateSchedule` (a plain "
+            "function cannot be saved with the model). Received: "
+            f"rho={rho!r}"
+        )
+    return check_rho(rho)
+
+
+def check_alpha(name, value):
+    """`value` as a float; it must be finite and >= 0."""
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0. Received: "
+            f"{name}={value!r}"
+        )
+    return float(value)
 
 
 def check_eta(eta):
@@ -88,3 +116,23 @@ def check_seed(name, value):
             f"`{name}` must be an integer. Received: {name}={value!r}"
         )
     return int(value)
+
+
+def check_variant_combination(hyperparameters):
+    """Rejects combinations of options that cannot act together."""
+    looksam = hyperparameters["looksam_alpha"]
+    if looksam > 0 and hyperparameters["gsam_alpha"] > 0:
+        raise ValueError(
+            "`gsam_alpha` and `looksam_alpha` cannot both be > 0: GSAM "
+            "changes the perturbed steps' direction, LookSAM the others'; "
+            "choose one. Received: gsam_alpha="
+            f"{hyperparameters['gsam_alpha']!r}, looksam_alpha={looksam!r}"
+        )
+    if looksam > 0 and (hyperparameters["asam_every"] == 1
+                        and hyperparameters["asam_probability"] == 1.0):
+        raise ValueError(
+            "`looksam_alpha` > 0 needs steps without the perturbed pass to "
+            "act on: set `asam_every` > 1 (LookSAM's k) or "
+            f"`asam_probability` < 1. Received: looksam_alpha={looksam!r}, "
+            "asam_every=1, asam_probability=1.0"
+        )

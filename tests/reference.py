@@ -23,9 +23,14 @@ def eps(grads, weights, biases, *, rho, adaptive=True, eta=0.01,
     return [rho * t * np.sign(g) for t, g in zip(ts, grads)]
 
 
-def asam_gradients(model, weights, x, y, loss_fn, **variant):
+def asam_gradients(model, weights, x, y, loss_fn, selected=None,
+                   **variant):
     """Both passes of one (A)SAM step on `model` (a plain Keras model used
     only as a differentiable function), from plain TF gradients.
+
+    `selected` (booleans aligned with the trainable variables) limits the
+    ascent to those variables: the others get eps = 0 and stay out of the
+    norm.
 
     Returns a dict with the clean `loss`, `grads`, `eps`, `adv_loss` and
     `adv_grads` (NumPy), and leaves `model`'s weights at `weights`.
@@ -46,7 +51,10 @@ def asam_gradients(model, weights, x, y, loss_fn, **variant):
         return float(loss), [None if g is None else g.numpy() for g in grads]
 
     loss, grads = loss_and_grads(weights)
-    present = [i for i, g in enumerate(grads) if g is not None]
+    if selected is None:
+        selected = [True] * len(grads)
+    present = [i for i, g in enumerate(grads)
+               if g is not None and selected[i]]
     perturbation = [np.zeros_like(w) for w in weights]
     present_eps = eps(
         [grads[i] for i in present], [weights[i] for i in present],

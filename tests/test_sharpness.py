@@ -111,7 +111,7 @@ def test_weights_are_restored_when_it_raises():
 @pytest.mark.parametrize(
     "kwargs, text",
     [
-        (dict(rho=0), "rho=0"),
+        (dict(rho=-1), "rho=-1"),
         (dict(rho=0.5, eta=-1), "eta=-1"),
         (dict(rho=0.5, steps=0), "steps=0"),
         (dict(rho=0.5, batch_size=0), "batch_size=0"),
