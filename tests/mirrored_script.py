@@ -41,12 +41,14 @@ def mse(y, pred):
     return tf.reduce_mean(tf.square(pred - y))
 
 
-def one_step(strategy, sync, x=X, y=Y):
+def one_step(strategy, sync, x=X, y=Y, epochs=1, **kwargs):
     with strategy.scope():
-        model = ASAMModel(mlp(), sync_perturbation=sync, **VARIANT)
+        model = ASAMModel(mlp(), sync_perturbation=sync,
+                          **dict(VARIANT, **kwargs))
         model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
     weights = [v.numpy() for v in model.trainable_variables]
-    model.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+    model.fit(x, y, batch_size=len(x), epochs=epochs, shuffle=False,
+              verbose=0)
     return weights, [v.numpy() for v in model.trainable_variables]
 
 
@@ -86,15 +88,63 @@ expected = [w - LR * (a + b) / 2 for w, a, b in zip(weights, *halves)]
 results["local_vs_reference"] = max_diff(local_after, expected)
 results["local_vs_single"] = max_diff(local_after, single_after)
 
+# GSAM, sync: the all-reduced g and g_adv give the single-device step.
+GSAM = dict(gsam_alpha=0.5)
+_, single_after = one_step(single, sync=True, **GSAM)
+_, synced_after = one_step(mirrored, sync=True, **GSAM)
+results["gsam_sync_vs_single"] = max_diff(single_after, synced_after)
+
+# GSAM, per replica: each replica's direction from its own g and g_adv; the
+# optimizer averages the directions.
+weights, local_after = one_step(mirrored, sync=False, **GSAM)
+directions = []
+for rows in (slice(0, 8), slice(8, 16)):
+    step = reference.asam_gradients(mlp(), weights, X[rows], Y[rows], mse,
+                                    **VARIANT)
+    g, ga = step["grads"], step["adv_grads"]
+    dot = sum(float((a * b).sum()) for a, b in zip(g, ga))
+    norm2 = sum(float((b * b).sum()) for b in ga)
+    directions.append([b - 0.5 * (a - dot / (norm2 + 1e-12) * b)
+                       for a, b in zip(g, ga)])
+expected = [w - LR * (a + b) / 2 for w, a, b in zip(weights, *directions)]
+results["gsam_local_vs_reference"] = max_diff(local_after, expected)
+
+# LookSAM, sync, 4 steps with k = 2: the single-device trajectory.
+LOOKSAM = dict(looksam_alpha=0.7, asam_every=2)
+_, single_after = one_step(single, sync=True, epochs=4, **LOOKSAM)
+_, synced_after = one_step(mirrored, sync=True, epochs=4, **LOOKSAM)
+results["looksam_sync_vs_single"] = max_diff(single_after, synced_after)
+
+# num_batch_splits=2 per replica (8 rows each) is the single-device step
+# with 4 parts of the global batch; with sync_perturbation it raises.
+_, split_mirrored = one_step(mirrored, sync=False, num_batch_splits=2)
+_, split_single = one_step(single, sync=False, num_batch_splits=4)
+results["splits_vs_single"] = max_diff(split_mirrored, split_single)
+try:
+    one_step(mirrored, sync=True, num_batch_splits=2)
+    results["splits_sync_error"] = ""
+except ValueError as error:
+    results["splits_sync_error"] = str(error)
+
 # 20 steps: replicas' copies of weights and optimizer slots stay identical,
-# also with a schedule that skips the perturbed pass on some steps.
+# also with a schedule that skips the perturbed pass on some steps, and with
+# every control and variant.
+RHO_SCHEDULE = keras.optimizers.schedules.ExponentialDecay(0.5, 5, 0.5)
 RUNS = {"sync=True": dict(sync_perturbation=True),
         "sync=False": dict(sync_perturbation=False),
         "schedule": dict(asam_every=2, asam_probability=0.7),
-        "schedule_sync": dict(asam_every=2, sync_perturbation=True)}
+        "schedule_sync": dict(asam_every=2, sync_perturbation=True),
+        "splits": dict(num_batch_splits=3),
+        "perturb_rho_schedule": dict(perturb="normalization",
+                                     rho=RHO_SCHEDULE),
+        "gsam": dict(gsam_alpha=0.3),
+        "gsam_sync": dict(gsam_alpha=0.3, sync_perturbation=True),
+        "looksam": dict(looksam_alpha=0.5, asam_every=3),
+        "looksam_sync": dict(looksam_alpha=0.5, asam_every=3,
+                             sync_perturbation=True)}
 for name, kwargs in RUNS.items():
     with mirrored.scope():
-        model = ASAMModel(mlp(batchnorm=True), **kwargs, **VARIANT)
+        model = ASAMModel(mlp(batchnorm=True), **dict(VARIANT, **kwargs))
         model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
                       loss="mse")
     x = np.tile(X, (5, 1)) + rs.randn(80, 6).astype("float32")
@@ -103,6 +153,9 @@ for name, kwargs in RUNS.items():
     results[name] = {
         "weights": replicas_identical(mirrored, model.trainable_variables),
         "optimizer": replicas_identical(mirrored, model.optimizer.variables),
+        "own_state": replicas_identical(mirrored, model._looksam_direction),
+        "own_state_set": any(
+            bool(np.any(v.numpy())) for v in model._looksam_direction),
         "steps": int(model.optimizer.iterations.numpy()),
         "loss_finite": bool(np.isfinite(logs["loss"]).all()),
         "sharpness": logs["sharpness"][-1],

@@ -41,11 +41,35 @@ def test_local_perturbation_averages_per_replica_adversarial_gradients(
 
 
 @pytest.mark.slow
+def test_gsam_synced_equals_single_device_and_local_averages_directions(
+        mirrored_results):
+    assert mirrored_results["gsam_sync_vs_single"] <= 1e-5
+    assert mirrored_results["gsam_local_vs_reference"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_looksam_synced_equals_single_device(mirrored_results):
+    assert mirrored_results["looksam_sync_vs_single"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_batch_splits_per_replica_and_sync_error(mirrored_results):
+    assert mirrored_results["splits_vs_single"] <= 1e-5
+    assert "num_batch_splits" in mirrored_results["splits_sync_error"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "run", ["sync=True", "sync=False", "schedule", "schedule_sync"])
+    "run", ["sync=True", "sync=False", "schedule", "schedule_sync", "splits",
+            "perturb_rho_schedule", "gsam", "gsam_sync", "looksam",
+            "looksam_sync"])
 def test_replicas_stay_bitwise_identical_for_20_steps(mirrored_results, run):
+    name = run
     run = mirrored_results[run]
     assert run["steps"] == 20
     assert run["loss_finite"] and run["sharpness"] > 0
     assert run["weights"] == 0.0
     assert run["optimizer"] == 0.0
+    assert run["own_state"] == 0.0
+    # LookSAM's stored direction is set (and identical on both replicas).
+    assert run["own_state_set"] == name.startswith("looksam")
