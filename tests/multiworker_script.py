@@ -18,6 +18,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--output", required=True)
 parser.add_argument("--sync", action="store_true")
 parser.add_argument("--asam-every", type=int, default=1)
+parser.add_argument("--looksam-alpha", type=float, default=0.0)
 args = parser.parse_args()
 
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -42,7 +43,8 @@ with strategy.scope():
                               keras.layers.Dense(8, activation="tanh"),
                               keras.layers.Dense(2)])
     model = ASAMModel(inner, rho=0.5, sync_perturbation=args.sync,
-                      asam_every=args.asam_every)
+                      asam_every=args.asam_every,
+                      looksam_alpha=args.looksam_alpha)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                   loss="mse")
 history = model.fit(dataset, epochs=2, verbose=0).history
@@ -51,6 +53,8 @@ index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 np.savez(
     os.path.join(args.output, f"worker{index}.npz"),
     *[v.numpy() for v in model.trainable_variables],
+    **{f"looksam{i}": v.numpy()
+       for i, v in enumerate(model._looksam_direction)},
     loss=np.array(history["loss"]),
     sharpness=np.array(history["sharpness"]),
     iterations=np.array(int(model.optimizer.iterations.numpy())),

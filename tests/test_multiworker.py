@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 from multiworker import free_ports  # noqa: E402  (the example's launcher)
 
 
-def _run_workers(output, sync, every=1):
+def _run_workers(output, sync, every=1, looksam=0.0):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = []
@@ -26,7 +26,8 @@ def _run_workers(output, sync, every=1):
         env = dict(os.environ, TF_CONFIG=json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}}))
         args = [sys.executable, os.path.join(HERE, "multiworker_script.py"),
-                "--output", str(output), "--asam-every", str(every)]
+                "--output", str(output), "--asam-every", str(every),
+                "--looksam-alpha", str(looksam)]
         args += ["--sync"] if sync else []
         processes.append(subprocess.Popen(
             args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -61,13 +62,19 @@ def _single_device_weights(sync):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync, every", [(True, 1), (False, 1), (True, 2)])
-def test_two_workers_end_identical(tmp_path, sync, every):
-    first, second = _run_workers(tmp_path, sync, every)
+@pytest.mark.parametrize("sync, every, looksam",
+                         [(True, 1, 0.0), (False, 1, 0.0), (True, 2, 0.0),
+                          (False, 2, 0.5)])
+def test_two_workers_end_identical(tmp_path, sync, every, looksam):
+    first, second = _run_workers(tmp_path, sync, every, looksam)
     weights = sorted(k for k in first if k.startswith("arr_"))
     assert len(weights) == 4
-    for key in weights + ["loss", "sharpness"]:
+    stored = sorted(k for k in first if k.startswith("looksam"))
+    assert len(stored) == (4 if looksam else 0)
+    for key in weights + stored + ["loss", "sharpness"]:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    if looksam:  # LookSAM's direction was stored, identically on both.
+        assert any(first[key].any() for key in stored)
     assert int(first["iterations"]) == 8
     assert np.isfinite(first["loss"]).all()
     if sync and every == 1:
