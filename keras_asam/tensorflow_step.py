@@ -389,9 +389,14 @@ class TensorFlowTrainStep:
         return adversarial
 
     def _loss_scale(self):
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            return tf.cast(self.optimizer.dynamic_scale, tf.float32)
-        return tf.constant(1.0)
+        """The loss scale of a `LossScaleOptimizer` (as its `scale_loss`
+        reads it), else 1."""
+        optimizer = self.optimizer
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return tf.constant(1.0)
+        if optimizer.built:
+            return tf.cast(optimizer.dynamic_scale, tf.float32)
+        return tf.constant(float(optimizer.initial_scale))
 
     def _gsam(self, gradients, adversarial):
         """GSAM on this replica's gradients, or on the global ones with

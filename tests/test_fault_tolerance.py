@@ -32,7 +32,7 @@ def _model(**kwargs):
                               keras.layers.Dense(8, activation="tanh"),
                               keras.layers.BatchNormalization(),
                               keras.layers.Dense(2)])
-    model = ASAMModel(inner, rho=0.5, **kwargs)
+    model = ASAMModel(inner, **{"rho": 0.5, **kwargs})
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                   loss="mse")
     return model
@@ -43,23 +43,28 @@ def _rho_decay():
     return keras_asam.callbacks.RhoScheduler(lambda epoch, rho: rho * 0.8)
 
 
-@pytest.mark.parametrize("schedule", [{}, {"asam_every": 2}])
+@pytest.mark.parametrize("schedule", [
+    {}, {"asam_every": 2}, {"looksam_alpha": 0.5, "asam_every": 3},
+    {"rho": keras.optimizers.schedules.ExponentialDecay(0.5, 3, 0.5)},
+], ids=["plain", "every2", "looksam", "rho-schedule"])
 def test_backup_and_restore_resumes_exactly(tmp_path, schedule):
     x, y = _data()
     fit = dict(batch_size=16, epochs=4, shuffle=False, verbose=0)
+    # A rho schedule cannot be combined with RhoScheduler.
+    decay = [] if "rho" in schedule else [_rho_decay()]
 
     reference = _model(**schedule)
-    reference.fit(x, y, callbacks=[_rho_decay()], **fit)
+    reference.fit(x, y, callbacks=list(decay), **fit)
 
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
     crashed = _model(**schedule)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        crashed.fit(x, y, callbacks=[_rho_decay(), backup,
+        crashed.fit(x, y, callbacks=[*decay, backup,
                                      CrashInEpoch(epoch=2, batch=1)], **fit)
 
     resumed = _model(**schedule)  # A fresh process would rebuild it so.
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
-    history = resumed.fit(x, y, callbacks=[_rho_decay(), backup], **fit)
+    history = resumed.fit(x, y, callbacks=[*decay, backup], **fit)
     assert len(history.history["loss"]) == 2  # Epochs 3 and 4 only.
 
     assert resumed.rho == pytest.approx(reference.rho, rel=1e-6)

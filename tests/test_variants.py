@@ -190,3 +190,54 @@ def test_variant_arguments_round_trip_through_config():
     assert config["looksam_alpha"] == 0.5 and config["gsam_alpha"] == 0.0
     clone = ASAMModel.from_config(config)
     assert clone.looksam_alpha == 0.5 and clone.asam_every == 5
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(gsam_alpha=0.3),
+    dict(looksam_alpha=0.5, asam_every=2),
+    dict(num_batch_splits=1, perturb=["kernel"], rho=0.0),
+], ids=["gsam", "looksam", "perturb-rho0"])
+def test_variants_under_xla_match_the_graph(kwargs):
+    x, y = _data(32)
+    runs = []
+    for jit in (False, True):
+        model = ASAMModel(_mlp(), **kwargs)
+        model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
+                      loss="mse", jit_compile=jit)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        runs.append(_weights(model))
+    _assert_close(runs[0], runs[1])
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(gsam_alpha=0.3), dict(looksam_alpha=0.5, asam_every=2)],
+    ids=["gsam", "looksam"])
+def test_variants_under_loss_scaling_follow_float32(kwargs, mixed_float16):
+    # The dot products and norms run in float32 on the scaled gradients;
+    # the update must match the float32 one up to float16 rounding, not be
+    # off by the loss scale (2**15).
+    x, y = _data(32)
+    updates = []
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        model = ASAMModel(_mlp(), **kwargs)
+        before = _weights(model)
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+        if policy == "mixed_float16":
+            assert isinstance(model.optimizer,
+                              keras.optimizers.LossScaleOptimizer)
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        updates.append([a - b for a, b in zip(_weights(model), before)])
+        stored = [v.numpy() for v in model._looksam_direction]
+        assert all(np.isfinite(v).all() for v in stored)
+    size = max(np.abs(u).max() for u in updates[0])
+    assert size > 1e-3
+    for a, b in zip(*updates):
+        np.testing.assert_allclose(b, a, atol=0.02 * size)
