@@ -5,7 +5,13 @@ Scale-Invariant Learning of Deep Neural Networks", ICML 2021,
 https://arxiv.org/abs/2102.11600
 """
 
-from keras_asam import callbacks, directions, perturbation, schedules
+from keras_asam import (
+    callbacks,
+    custom_loop,
+    directions,
+    perturbation,
+    schedules,
+)
 from keras_asam.model import ASAMModel, SAMModel
 from keras_asam.sharpness import sharpness
 
@@ -15,6 +21,7 @@ __all__ = [
     "ASAMModel",
     "SAMModel",
     "callbacks",
+    "custom_loop",
     "directions",
     "perturbation",
     "schedules",

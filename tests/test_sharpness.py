@@ -131,3 +131,33 @@ def test_uncompiled_model_needs_a_loss():
     with pytest.raises(ValueError, match="`loss` is required"):
         keras_asam.sharpness(model, x, y, rho=0.5)
     assert keras_asam.sharpness(model, x, y, rho=0.5, loss="mse") >= 0
+
+
+def test_asam_model_settings_are_the_meters_defaults():
+    # A filter-wise ASAMModel perturbing only kernels: with no arguments the
+    # meter measures what the model's own step logged (lr 0, one full batch).
+    x, y = _data(32)
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((5,)),
+                              keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(1)])
+    model = ASAMModel(inner, rho=0.7, normalization="filterwise",
+                      perturb=["kernel"])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    logged = model.fit(x, y, batch_size=32, verbose=0).history["sharpness"][0]
+    measured = keras_asam.sharpness(model, x, y, batch_size=32)
+    np.testing.assert_allclose(measured, logged, rtol=1e-4)
+    # Explicit arguments override the model's settings.
+    elementwise = keras_asam.sharpness(model, x, y, batch_size=32,
+                                       normalization="elementwise",
+                                       perturb="all")
+    assert abs(elementwise - measured) > 1e-3 * abs(measured)
+    np.testing.assert_allclose(
+        keras_asam.sharpness(model, x, y, batch_size=32, rho=0.7),
+        measured, rtol=1e-6)
+
+
+def test_rho_is_required_for_other_models():
+    x, y = _data(8)
+    with pytest.raises(ValueError, match="rho"):
+        keras_asam.sharpness(_relu_net(), x, y)
