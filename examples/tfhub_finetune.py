@@ -17,20 +17,29 @@ With a downloaded SavedModel (e.g. an image feature-vector model):
         --input-size 224 --call-endpoint serving_default
 
 The digits are then resized to the model's input size and converted to RGB.
-About 30 seconds with the default backbone on 2 CPU cores.
+About 30 seconds with the default backbone on 2 CPU cores. The exported
+backbone lives in a temporary directory that is removed at the end; with
+`--savedmodel` no temporary directory is created.
 """
 
 import argparse
+import contextlib
 import os
 import tempfile
 
-import keras
-import numpy as np
-import tensorflow as tf
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+# Before TensorFlow is imported: hide its C++ info and warning lines (CUDA
+# probes on CPU-only machines). Numerics are unaffected.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras_asam
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+
+import keras_asam  # noqa: E402
+
+TEMP_PREFIX = "keras_asam_backbone_"  # Of the own backbone's temporary dir.
 
 
 def digits(labels, size, channels, seed=0):
@@ -95,27 +104,9 @@ def build(savedmodel, call_endpoint, input_shape, rho):
     return keras_asam.ASAMModel(inputs, outputs, rho=rho)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--savedmodel", default=None,
-                        help="a SavedModel directory (default: export one)")
-    parser.add_argument("--call-endpoint", default="serve")
-    parser.add_argument("--input-size", type=int, default=8)
-    parser.add_argument("--channels", type=int, default=None,
-                        help="1 or 3 (default: 1 for the own backbone, else 3)")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--pretrain-epochs", type=int, default=10)
-    parser.add_argument("--rho", type=float, default=0.5)
-    args = parser.parse_args(argv)
-    keras.utils.set_random_seed(0)
-
-    workdir = tempfile.mkdtemp(prefix="keras_asam_backbone_")
-    savedmodel = args.savedmodel
-    if savedmodel is None:
-        savedmodel = os.path.join(workdir, "backbone")
-        export_backbone(savedmodel, args.pretrain_epochs)
+def finetune(args, savedmodel):
+    """Fine-tunes the SavedModel and a new head on digits 5-9 with ASAM."""
     channels = args.channels or (1 if args.savedmodel is None else 3)
-
     x_train, x_test, y_train, y_test = digits(np.arange(5, 10),
                                               args.input_size, channels)
     model = build(savedmodel, args.call_endpoint,
@@ -139,7 +130,36 @@ def main(argv=None):
           f"after {100 * after['accuracy']:.2f}%")
     print(f"SavedModel variables updated by fine-tuning: {moved} of "
           f"{len(savedmodel_weights)}")
-    print(f"Backbone SavedModel used: {savedmodel}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--savedmodel", default=None,
+                        help="a SavedModel directory (default: export one)")
+    parser.add_argument("--call-endpoint", default="serve")
+    parser.add_argument("--input-size", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=None,
+                        help="1 or 3 (default: 1 for the own backbone, else 3)")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--pretrain-epochs", type=int, default=10)
+    parser.add_argument("--rho", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    keras.utils.set_random_seed(0)
+
+    # The own backbone goes to a temporary directory, removed on exit (also
+    # on errors); a given --savedmodel is used in place.
+    with contextlib.ExitStack() as stack:
+        savedmodel = args.savedmodel
+        if savedmodel is None:
+            workdir = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=TEMP_PREFIX))
+            savedmodel = os.path.join(workdir, "backbone")
+            export_backbone(savedmodel, args.pretrain_epochs)
+        finetune(args, savedmodel)
+    if args.savedmodel is None:
+        print(f"Removed the temporary backbone SavedModel {savedmodel}")
+    else:
+        print(f"Backbone SavedModel used: {savedmodel}")
 
 
 if __name__ == "__main__":
