@@ -26,11 +26,17 @@ import subprocess
 import sys
 import time
 
-import keras
-import numpy as np
-import tensorflow as tf
+# Before TensorFlow is imported: hide its C++ info and warning lines (CUDA
+# probes on CPU-only machines). Numerics are unaffected.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUTPUT_DIR = os.path.join(HERE, "outputs")
+sys.path.insert(0, HERE)
 
 import cifar_models  # noqa: E402
 
@@ -105,7 +111,7 @@ def commit():
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "HEAD"], text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+            cwd=HERE).strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -136,13 +142,14 @@ def main(argv=None):
                         default="real")
     parser.add_argument("--synthetic-size", type=int, default=2048)
     parser.add_argument("--output", default=None,
-                        help="results JSON (default: examples/outputs/...)")
+                        help="results JSON (default: in examples/outputs "
+                             "next to this script)")
     args = parser.parse_args(argv)
     if args.rho is None and args.optimizer != "sgd":
         args.rho = DEFAULT_RHO[(args.optimizer, args.dataset)]
     if args.output is None:
         args.output = os.path.join(
-            "examples", "outputs",
+            OUTPUT_DIR,
             f"cifar_{args.dataset}_{args.model}_{args.optimizer}.json")
 
     if args.mixed_precision:  # Before any model is built.
