@@ -1,6 +1,10 @@
 """Smoke tests: every example runs end to end with tiny settings."""
 
+import glob
+import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -13,23 +17,57 @@ SCRIPTS = ["quickstart.py", "toy_trajectories.py", "tfhub_finetune.py",
                                                       "step_time.py")]
 
 
-def _run(script, *args, timeout=600):
+def _run(script, *args, timeout=600, env=None):
     done = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, script), *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env=None if env is None else dict(os.environ, **env),
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
+def _import_example(name):
+    spec = importlib.util.spec_from_file_location(
+        f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
-def test_quickstart(tmp_path):
-    out = _run("quickstart.py", "--epochs", "2", "--seeds", "0",
-               "--verbose", "0", "--output-dir", str(tmp_path))
-    for method in ("sgd", "sam", "asam"):
-        assert f"\n{method} " in out
-    assert (tmp_path / "quickstart.png").stat().st_size > 0
+def test_quickstart_quick_run(tmp_path):
+    out = _run("quickstart.py", "--quick", "--epochs", "2", "--verbose", "0",
+               "--output-dir", str(tmp_path))
+    rows = {line.split()[0]: line for line in out.splitlines()
+            if line.split()[:1] in (["sgd"], ["sam"], ["asam"])}
+    assert set(rows) == {"sgd", "sam", "asam"}, out
+    # One seed: means only, no spread, and a warning instead.
+    assert not any("+/-" in row for row in rows.values()), out
+    assert "one seed: no spread" in out
+    # --quick writes its own files and leaves the full run's alone.
+    assert (tmp_path / "quickstart_quick.png").stat().st_size > 0
+    assert (tmp_path / "quickstart_quick.json").stat().st_size > 0
+    assert not (tmp_path / "quickstart.png").exists()
     assert str(tmp_path) in out
+
+
+def test_quickstart_table_spread():
+    quickstart = _import_example("quickstart")
+
+    def runs(accuracies):
+        return [{"test_accuracy": a, "loss_gap": 0.05,
+                 quickstart.METER_KEY: 0.001, "seconds_per_epoch": 0.2}
+                for a in accuracies]
+
+    table = quickstart.summarize({"sgd": runs([0.97, 0.98, 0.99]),
+                                  "asam": runs([0.98, 0.98, 0.98])})
+    sgd = next(line for line in table.splitlines() if line.startswith("sgd"))
+    # Mean and sample standard deviation (ddof=1) over the seeds, in %.
+    assert re.match(r"sgd\s+98\.00 \+/- 1\.00\s", sgd), table
+    assert "mean +/- sample std over 3 seeds" in table
+    single = quickstart.summarize({"sgd": runs([0.97])})
+    assert "+/-" not in single and "97.00" in single, single
 
 
 @pytest.mark.slow
@@ -41,27 +79,85 @@ def test_multiworker_launcher():
     assert "TF_CONFIG=" in out
 
 
+def _endpoints(out):
+    """{(method, start): (w1^2 - w2^2 at the end, at the start)}."""
+    pattern = re.compile(r"^(\w+)\s+from (\(.*?\)): ends at .*"
+                         r"w1\^2 - w2\^2 ([-+.\d]+) \(start ([-+.\d]+)\)$")
+    found = {}
+    for line in out.splitlines():
+        match = pattern.match(line)
+        if match:
+            found[match[1], match[2]] = (float(match[3]), float(match[4]))
+    return found
+
+
 @pytest.mark.slow
 def test_toy_trajectories(tmp_path):
-    out = _run("toy_trajectories.py", "--steps", "20", "--output-dir",
-               str(tmp_path))
+    out = _run("toy_trajectories.py", "--output-dir", str(tmp_path))
     # ASAM's perturbation maps onto the rescaled one: equal perturbed losses.
     asam = next(line for line in out.splitlines()
                 if line.startswith("ASAM   ("))
     losses = asam.split(")")[-1].split()
     assert losses[0] == losses[1], out
+    sam = next(line for line in out.splitlines()
+               if line.startswith("SAM    ("))
+    losses = sam.split(")")[-1].split()
+    assert losses[0] != losses[1], out
     assert "eps1 ratio twin/w = 4.000000" in out
     assert (tmp_path / "toy_trajectories.png").stat().st_size > 0
+    # What the figure shows: gradient descent keeps the balance w1^2 - w2^2,
+    # ASAM nearly keeps it (a step-size effect), SAM slides along the valley
+    # towards (1, 1), where it is 0.
+    ends = _endpoints(out)
+    starts = {start for _, start in ends}
+    assert len(ends) == 9 and len(starts) == 3, out
+    for start in starts:
+        initial = ends["GD", start][1]
+        gd, sam, asam = (ends[method, start][0]
+                         for method in ("GD", "SAM", "ASAM"))
+        assert abs(gd - initial) < 0.05 * abs(initial), out
+        assert abs(asam - initial) < 0.05 * abs(initial), out
+        assert abs(sam) < 0.3 * abs(initial), out
 
 
 @pytest.mark.slow
-def test_tfhub_finetune():
-    out = _run("tfhub_finetune.py", "--epochs", "2", "--pretrain-epochs", "1")
+def test_default_output_dir_is_next_to_the_script(tmp_path):
+    # A copy of the script, run from another directory without --output-dir,
+    # writes next to itself, not under the working directory.
+    script_dir = tmp_path / "scripts"
+    script_dir.mkdir()
+    shutil.copy(os.path.join(EXAMPLES, "toy_trajectories.py"), script_dir)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(script_dir / "toy_trajectories.py"),
+         "--steps", "5"],
+        capture_output=True, text=True, timeout=300, cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    png = script_dir / "outputs" / "toy_trajectories.png"
+    assert f"Wrote {png}" in done.stdout, done.stdout
+    assert png.stat().st_size > 0 and not list(workdir.iterdir())
+    for name in ("quickstart", "toy_trajectories", "cifar"):
+        module = _import_example(name)
+        assert module.OUTPUT_DIR == os.path.join(EXAMPLES, "outputs"), name
+
+
+@pytest.mark.slow
+def test_tfhub_finetune(tmp_path):
+    # The temporary backbone directory must not outlive the run: give the
+    # script a temp folder of its own and look there afterwards.
+    out = _run("tfhub_finetune.py", "--epochs", "2", "--pretrain-epochs", "1",
+               env={"TMPDIR": str(tmp_path)})
     assert "before fine-tuning" in out
     moved = next(line for line in out.splitlines()
                  if line.startswith("SavedModel variables updated"))
     updated, total = moved.split(": ")[1].split(" of ")
     assert int(updated) == int(total) > 0, out
+    exported = next(line for line in out.splitlines()
+                    if line.startswith("Exported the backbone SavedModel"))
+    assert str(tmp_path) in exported, out
+    assert not glob.glob(str(tmp_path / "keras_asam_backbone_*")), out
+    assert "Removed the temporary backbone SavedModel" in out
 
 
 @pytest.mark.slow
