@@ -60,6 +60,10 @@ QUICK_EPOCHS, QUICK_SEEDS = 8, [0]
 RHO = {"sgd": None, "sam": 0.05, "asam": 0.5}  # The official CIFAR-10 values.
 METER_RHO = 0.5  # Radius at which every model's adaptive sharpness is read.
 METER_KEY = "meter_adaptive_sharpness"
+# The meter's settings, all explicit: `keras_asam.sharpness` would otherwise
+# default to an ASAMModel's own (SAM's fixed ball for the SAMModel).
+METER = dict(rho=METER_RHO, adaptive=True, eta=0.01,
+             normalization="elementwise", p=2, perturb="all")
 OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "outputs")
 
@@ -93,10 +97,16 @@ def build_model(method):
     return keras_asam.ASAMModel(inputs, outputs, rho=RHO["asam"])
 
 
+def meter(model, x, y):
+    """Adaptive sharpness at METER_RHO, measured alike for every method."""
+    return keras_asam.sharpness(model, x, y, batch_size=256,
+                                loss="sparse_categorical_crossentropy",
+                                **METER)
+
+
 class SharpnessMeter(keras.callbacks.Callback):
-    """Logs `meter_adaptive_sharpness`: `keras_asam.sharpness` at METER_RHO on
-    the training data after every epoch, the same measurement for every
-    method. Also sums the seconds spent in the training batches."""
+    """Logs `meter_adaptive_sharpness`, `meter` on the training data after
+    every epoch. Also sums the seconds spent in the training batches."""
 
     def __init__(self, x, y):
         super().__init__()
@@ -110,9 +120,7 @@ class SharpnessMeter(keras.callbacks.Callback):
         self.train_seconds += time.perf_counter() - self.epoch_start
 
     def on_epoch_end(self, epoch, logs=None):
-        logs[METER_KEY] = keras_asam.sharpness(
-            self.model, self.x, self.y, rho=METER_RHO, batch_size=256,
-            loss="sparse_categorical_crossentropy")
+        logs[METER_KEY] = meter(self.model, self.x, self.y)
 
 
 def run(method, seed, epochs, data, verbose):

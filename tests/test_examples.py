@@ -70,6 +70,29 @@ def test_quickstart_table_spread():
     assert "+/-" not in single and "97.00" in single, single
 
 
+def test_quickstart_meter_is_the_same_for_every_method():
+    quickstart = _import_example("quickstart")
+    import keras_asam
+
+    x, _, y, _ = quickstart.load_data()
+    x, y = x[:128], y[:128]
+    values = {}
+    for method in ("sgd", "sam", "asam"):
+        model = quickstart.build_model(method)
+        model.compile(loss="sparse_categorical_crossentropy")
+        values[method] = quickstart.meter(model, x, y)
+        # ASAM's adaptive sharpness at rho 0.5, also for the SAMModel (whose
+        # own defaults, a fixed ball of rho 0.05, would measure another thing).
+        adaptive = keras_asam.sharpness(
+            model, x, y, rho=0.5, adaptive=True, eta=0.01, batch_size=256,
+            loss="sparse_categorical_crossentropy")
+        assert values[method] == pytest.approx(adaptive, rel=1e-6), method
+    sam = quickstart.build_model("sam")
+    own = keras_asam.sharpness(sam, x, y, batch_size=256,
+                               loss="sparse_categorical_crossentropy")
+    assert own != pytest.approx(quickstart.meter(sam, x, y), rel=1e-3)
+
+
 @pytest.mark.slow
 def test_multiworker_launcher():
     out = _run("multiworker.py", "--workers", "2", timeout=300)
