@@ -175,6 +175,16 @@ class ASAMModel(distribute.MultiWorkerFixes, TensorFlowTrainStep, keras.Model):
             autocast=False,
             name="rho",
         )
+        # The count of train steps the schedules follow (on the host too).
+        self._train_steps = self.add_weight(
+            shape=(),
+            initializer="zeros",
+            dtype="int64",
+            trainable=False,
+            name="train_steps",
+        )
+        self._host_step = None  # The host's copy, read once per `fit`.
+        self._rho_on_host = None if self._rho_schedule is not None else rho
         # LookSAM's stored direction g_v, one variable per trainable
         # variable, created once those exist (`_create_own_state`).
         self._looksam_store = (
@@ -222,7 +232,16 @@ class ASAMModel(distribute.MultiWorkerFixes, TensorFlowTrainStep, keras.Model):
                 "(nor driven by `RhoScheduler`). Build the model with a "
                 f"number as `rho` to set it. Received: rho={value!r}"
             )
-        self._rho.assign(validation.check_rho(value))
+        value = validation.check_rho(value)
+        self._rho.assign(value)
+        self._rho_on_host = value
+
+    @property
+    def train_steps(self):
+        """Integer. Train steps taken (including steps a
+        `LossScaleOptimizer` skipped and micro-steps of gradient
+        accumulation); what `asam_every` and `asam_probability` follow."""
+        return int(keras.ops.convert_to_numpy(self._train_steps))
 
     @property
     def rho_schedule(self):
@@ -336,6 +355,55 @@ class ASAMModel(distribute.MultiWorkerFixes, TensorFlowTrainStep, keras.Model):
                 f"{self.num_batch_splits}"
             )
         keras.Model.jit_compile.fset(self, value)
+
+    # -- choosing each step's kind on the host -------------------------------
+
+    def make_train_function(self, force=False):
+        """Keras' train function, or, when each call runs one step, a pair
+        of them: with and without the perturbed pass, picked per call from
+        the schedules and `rho` on the host (no conditional in the graph,
+        no device read per step)."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.steps_per_execution != 1 or not (
+            self._has_step_schedule() or self._rho_schedule is None
+        ):
+            return super().make_train_function(force=force)
+        functions = {}
+
+        def train_function(iterator):
+            if self._host_step is None:
+                self._host_step = self.train_steps
+                if self._rho_schedule is None:
+                    self._rho_on_host = float(
+                        keras.ops.convert_to_numpy(self._rho))
+            run = self._host_runs_perturbed_pass(self._host_step)
+            if run not in functions:
+                functions[run] = self._make_function(
+                    lambda data: self.train_step(data, run_choice=run)
+                )
+            logs = functions[run](iterator)
+            self._host_step += 1
+            return logs
+
+        self.train_function = train_function
+        return train_function
+
+    def _host_runs_perturbed_pass(self, step):
+        if self._rho_schedule is None and self._rho_on_host == 0:
+            return False
+        return schedule.perturb_on_host(
+            step, every=self.asam_every,
+            probability=self.asam_probability, seed=self.asam_seed,
+        )
+
+    def fit(self, *args, **kwargs):
+        self._host_step = None  # Read again: weights may have been loaded.
+        return super().fit(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        self._host_step = None
+        return super().train_on_batch(*args, **kwargs)
 
     def count_params(self):
         """The number of scalars in the model's weights, without ASAM's own

@@ -1,9 +1,13 @@
 """Which steps pay for ASAM's perturbed pass.
 
 The other steps are plain base-optimizer steps. Both schedules are stateless
-functions of the optimizer's step counter, so they need no extra state to
-checkpoint, survive `BackupAndRestore`, agree on every replica and worker,
-and run inside one traced function (`tf.cond`) without retracing.
+functions of the model's count of train steps (`ASAMModel.train_steps`, a
+saved variable) and the seed, so they agree on every replica and worker and
+survive `BackupAndRestore`. The host follows that count, so `fit` picks each
+step's kind before it runs: one traced function with the perturbed pass, one
+without, no conditional in the graph (`perturb_on_host`). Inside a call that
+runs several steps (`steps_per_execution > 1`) the graph decides instead
+(`perturb_this_step`, one `tf.cond`); both give the same bits.
 
 References:
     - Composer's `SAM(interval=k)` (MosaicML).
@@ -46,6 +50,27 @@ def uniform_draw(seed, iterations):
     return tf.cast(tf.bitwise.right_shift(z, u64(11)), tf.float64) * 2.0**-53
 
 
+MASK64 = 2**64 - 1
+
+
+def uniform_draw_on_host(seed, step):
+    """`uniform_draw` in Python integers: the same bits, no device."""
+    golden = 0x9E3779B97F4A7C15
+    z = ((seed % 2**64) * golden + step + golden) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    z = z ^ (z >> 31)
+    return (z >> 11) * 2.0**-53
+
+
+def perturb_on_host(step, *, every=1, probability=1.0, seed=DEFAULT_SEED):
+    """`perturb_this_step` for a Python integer step: a Python bool."""
+    run = step % every == 0
+    if probability < 1.0:
+        run = run and uniform_draw_on_host(seed, step) < probability
+    return run
+
+
 def perturb_this_step(iterations, *, every=1, probability=1.0,
                       seed=DEFAULT_SEED):
     """Scalar boolean tensor: does this step run the perturbed pass?
@@ -54,7 +79,7 @@ def perturb_this_step(iterations, *, every=1, probability=1.0,
     is below `probability`.
 
     Args:
-        iterations: Integer scalar, the optimizer's step counter.
+        iterations: Integer scalar, the model's count of train steps.
         every: Integer >= 1.
         probability: Float in (0, 1].
         seed: Integer.

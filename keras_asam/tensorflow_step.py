@@ -29,15 +29,21 @@ from keras_asam.perturbation import is_bias, perturbation
 class TensorFlowTrainStep:
     """`train_step` of `ASAMModel` for the TensorFlow backend (a mixin)."""
 
-    def train_step(self, data):
+    def train_step(self, data, run_choice=None):
+        """One training step.
+
+        `run_choice` is the host's decision for this step (`True`: with the
+        perturbed pass, `False`: a plain step, see `make_train_function`);
+        `None` leaves it to the graph (the schedule's `tf.cond`).
+        """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = tf.shape(
             next(t for t in tf.nest.flatten(x) if t is not None)
         )[0]
         rho = self._rho_this_step()
-        run = self._runs_perturbed_pass(rho)
+        run = self._runs_perturbed_pass(rho, run_choice)
 
-        if self.num_batch_splits > 1:
+        if self.num_batch_splits > 1 and run is not False:
             y_pred, loss, gradients, adversarial, adversarial_loss = (
                 self._split_passes(x, y, sample_weight, rho, run)
             )
@@ -46,32 +52,36 @@ class TensorFlowTrainStep:
             y_pred, loss, gradients = self._loss_and_gradients(
                 x, y, sample_weight
             )
-            # The ascent direction: this replica's gradient or the global one
-            # (outside any conditional: TF allows no cross-replica sync
-            # inside control flow in replica context).
-            ascent = gradients
-            if self.sync_perturbation:
-                ascent = distribute.all_reduce_sum(gradients)
-            # Pass 2 at w + eps, on the steps that run it.
-            adversarial, adversarial_loss = _maybe(
-                run,
-                lambda: self._adversarial_gradients(
-                    x, y, sample_weight, gradients, ascent, rho
-                ),
-                gradients,
-                loss,
-            )
+            adversarial, adversarial_loss = gradients, loss
+            if run is not False:
+                # The ascent direction: this replica's gradient or the
+                # global one (outside any conditional: TF allows no
+                # cross-replica sync inside control flow in replica context).
+                ascent = gradients
+                if self.sync_perturbation:
+                    ascent = distribute.all_reduce_sum(gradients)
+                # Pass 2 at w + eps, on the steps that run it.
+                adversarial, adversarial_loss = _maybe(
+                    run,
+                    lambda: self._adversarial_gradients(
+                        x, y, sample_weight, gradients, ascent, rho
+                    ),
+                    gradients,
+                    loss,
+                )
 
         variables = self.trainable_variables
         descent = self._descent_direction(
             gradients, adversarial, adversarial_loss, run
         )
         self.optimizer.apply_gradients(zip(descent, variables))
+        self._train_steps.assign_add(1)
 
         self._loss_tracker.update_state(
             distribute.unscale_loss(loss), sample_weight=batch_size
         )
-        self._track_sharpness(adversarial_loss - loss, batch_size, run)
+        if run is not False:
+            self._track_sharpness(adversarial_loss - loss, batch_size, run)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs["sharpness"] = self._sharpness_tracker.result()
         return logs
@@ -89,26 +99,36 @@ class TensorFlowTrainStep:
         return tf.where(tf.logical_and(tf.math.is_finite(rho), rho > 0),
                         rho, 0.0)
 
-    def _runs_perturbed_pass(self, rho):
-        """`True` (Python) or a boolean scalar tensor for `tf.cond`.
+    def _runs_perturbed_pass(self, rho, choice=None):
+        """`True`/`False` (Python) or a boolean scalar tensor for `tf.cond`.
 
-        The schedules pick steps by the optimizer's counter. `rho_t = 0`
-        skips the pass too, except under XLA without a schedule, where the
+        The host's `choice` stands for the schedules and for a numeric rho
+        of 0. Otherwise the schedules pick steps by the model's count of
+        train steps in the graph. A rho schedule whose value is 0 skips the
+        pass too, except under XLA without another conditional, where the
         conditional would cost more than the pass (eps is then 0).
         """
+        if choice is False:
+            return False
         conditions = []
-        if not (self.asam_every == 1 and self.asam_probability == 1.0):
-            conditions.append(schedule.perturb_this_step(
-                self.optimizer.iterations,
-                every=self.asam_every,
-                probability=self.asam_probability,
-                seed=self.asam_seed,
-            ))
-        if conditions or not self.jit_compile:
+        if choice is None:
+            if self._has_step_schedule():
+                conditions.append(schedule.perturb_this_step(
+                    self._train_steps.value,
+                    every=self.asam_every,
+                    probability=self.asam_probability,
+                    seed=self.asam_seed,
+                ))
+        if (choice is None or self.rho_schedule is not None) and (
+            conditions or not self.jit_compile
+        ):
             conditions.append(rho > 0)
         if not conditions:
             return True
         return tf.reduce_all(tf.stack(conditions))
+
+    def _has_step_schedule(self):
+        return not (self.asam_every == 1 and self.asam_probability == 1.0)
 
     def _perturbed_mask(self, variables):
         """Which of `variables` the ascent moves (`perturb=`)."""
@@ -148,9 +168,22 @@ class TensorFlowTrainStep:
         for v, value in zip(restored, saved_weights + saved_state):
             v.assign(value)
         return (
-            self._finite_or_clean(adversarial, gradients, adversarial_loss),
+            self._finite_or_clean(
+                adversarial, gradients, adversarial_loss,
+                lambda: self._clean_gradients_again(x, y, sample_weight),
+            ),
             adversarial_loss,
         )
+
+    def _clean_gradients_again(self, x, y, sample_weight):
+        """g at w once more, state restored after: the non-finite fallback
+        recomputes it rather than keeping g alive through pass 2."""
+        state = self._state_to_restore()
+        saved_state = [tf.identity(v.value) for v in state]
+        _, _, gradients = self._loss_and_gradients(x, y, sample_weight)
+        for v, value in zip(state, saved_state):
+            v.assign(value)
+        return gradients
 
     def _split_passes(self, x, y, sample_weight, rho, run):
         """Both passes for each of `num_batch_splits` parts of the batch.
@@ -300,7 +333,7 @@ class TensorFlowTrainStep:
 
     def _own_state(self):
         """ASAM's own variables: `rho` and the LookSAM direction."""
-        return [self._rho] + list(self._looksam_direction)
+        return [self._rho, self._train_steps] + list(self._looksam_direction)
 
     def _float_state(self):
         """Non-trainable float variables of the layers (BatchNorm moving
@@ -346,7 +379,8 @@ class TensorFlowTrainStep:
 
     # -- the descent ----------------------------------------------------------
 
-    def _finite_or_clean(self, adversarial, gradients, adversarial_loss):
+    def _finite_or_clean(self, adversarial, gradients, adversarial_loss,
+                         recompute=None):
         """The adversarial gradient, or the clean one if L(w + eps) is not
         finite.
 
@@ -354,34 +388,40 @@ class TensorFlowTrainStep:
         scaling the step then falls back to the clean gradient instead of
         writing NaN weights. A `LossScaleOptimizer` gets the adversarial
         gradient as is: it skips non-finite steps and lowers its scale.
+
+        Without XLA, and when nothing else needs g after pass 2 (no GSAM,
+        LookSAM or batch splits), the fallback recomputes g in a conditional
+        (`recompute`), so g need not stay in memory through pass 2; under
+        XLA a select fuses into the update (a conditional costs more than
+        the step there) and keeps g.
         """
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             return adversarial
         finite = tf.math.is_finite(adversarial_loss)
-        if self.jit_compile or self.num_batch_splits > 1:
-            # Under XLA a select fuses into the update for free, while a
-            # conditional returning every gradient costs more than the step.
+        like = [None if g_adv is None or g is None else g_adv
+                for g_adv, g in zip(adversarial, gradients)]
+        if self.jit_compile or recompute is None or self._keeps_gradients():
             return [
                 None if g_adv is None or g is None
                 else tf.where(finite, g_adv, g)
                 for g_adv, g in zip(adversarial, gradients)
             ]
-        # Without XLA a select is a pass over every gradient; a conditional
-        # only forwards one of the two lists.
-        return _cond_lists(
-            finite,
-            lambda: adversarial,
-            lambda: gradients,
-            like=[
-                None if g_adv is None else g
-                for g_adv, g in zip(adversarial, gradients)
-            ],
-        )
+        return _cond_lists(finite, lambda: adversarial, recompute, like=like)
+
+    def _keeps_gradients(self):
+        """Whether the step uses g after pass 2 anyway."""
+        return (self.gsam_alpha > 0 or self.looksam_alpha > 0
+                or self.num_batch_splits > 1)
 
     def _descent_direction(self, gradients, adversarial, adversarial_loss,
                            run):
         """What the optimizer applies: g_adv, or GSAM's or LookSAM's
         direction (`directions.py`)."""
+        if run is False:
+            if self.looksam_alpha > 0:
+                return self._looksam(gradients, adversarial, adversarial_loss,
+                                     run)
+            return gradients
         if self.gsam_alpha > 0:
             return self._gsam(gradients, adversarial)
         if self.looksam_alpha > 0:
@@ -421,26 +461,28 @@ class TensorFlowTrainStep:
         """LookSAM: keep g_v from the perturbed steps, add it on the others.
 
         g_v comes from the global (all-replica) g and g_adv, so it is the
-        same on every replica; selects, not a conditional, so the update
-        happens outside any control flow.
+        same on every replica. When the host picked the step's kind (`run`
+        is `True` or `False`) only that half is traced; when the graph picks
+        it, selects, not a conditional, keep the update outside any control
+        flow.
         """
         replicas = distribute.num_replicas()
         global_gradients = distribute.all_reduce_sum(gradients)
-        global_adversarial = distribute.all_reduce_sum(adversarial)
-        candidate = directions.looksam_orthogonal(
-            global_gradients, global_adversarial
-        )
-        candidate_norm = directions.dot(candidate, candidate)
-        keep = tf.logical_and(
-            tf.logical_and(tf.math.is_finite(candidate_norm),
-                           tf.math.is_finite(adversarial_loss)),
-            tf.constant(True) if run is True else run,
-        )
-        for v, c in zip(self._looksam_direction, candidate):
-            if c is not None:
-                v.assign(tf.where(keep, c, v.value))
-        if run is True:  # Every step perturbs: nothing reuses g_v.
-            return adversarial
+        if run is not False:
+            global_adversarial = distribute.all_reduce_sum(adversarial)
+            candidate = directions.looksam_orthogonal(
+                global_gradients, global_adversarial
+            )
+            candidate_norm = directions.dot(candidate, candidate)
+            keep = tf.logical_and(tf.math.is_finite(candidate_norm),
+                                  tf.math.is_finite(adversarial_loss))
+            if run is not True:
+                keep = tf.logical_and(keep, run)
+            for v, c in zip(self._looksam_direction, candidate):
+                if c is not None:
+                    v.assign(tf.where(keep, c, v.value))
+            if run is True:
+                return adversarial
         gradient_norm = tf.sqrt(
             directions.dot(global_gradients, global_gradients)
         )
@@ -448,12 +490,16 @@ class TensorFlowTrainStep:
             gradient_norm, [v.value for v in self._looksam_direction],
             self.looksam_alpha,
         )
+        reused = [
+            None if g is None else tf.cast(g, tf.float32) + c / replicas
+            for g, c in zip(gradients, correction)
+        ]
+        if run is False:
+            return reused
         return [
             None if g_adv is None else tf.where(
-                run, tf.cast(g_adv, tf.float32),
-                tf.cast(g, tf.float32) + c / replicas,
-            )
-            for g, g_adv, c in zip(gradients, adversarial, correction)
+                run, tf.cast(g_adv, tf.float32), r)
+            for g_adv, r in zip(adversarial, reused)
         ]
 
     def _track_sharpness(self, sharpness, batch_size, run):

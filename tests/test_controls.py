@@ -210,18 +210,20 @@ def test_batch_splits_reject_explicit_xla():
 
 
 def test_batch_splits_with_schedule_and_accumulation():
-    # asam_every=2: steps 0, 2 are split ASAM steps, steps 1, 3 plain steps;
-    # gradient_accumulation_steps=2 averages pairs of them.
+    # asam_every=2 counts train steps: micro-step 0 is a split ASAM step,
+    # micro-step 1 a plain step; gradient_accumulation_steps=2 averages them.
     x, y = _data(8)
     model = ASAMModel(_mlp(), num_batch_splits=2, asam_every=2, **SAM)
     weights = _weights(model)
     model.compile(optimizer=keras.optimizers.SGD(
         LR, gradient_accumulation_steps=2), loss="mse")
     model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
-    # Both micro-steps at w0: iterations 0 (perturbed) and 0 (as
-    # optimizer.iterations counts accumulated steps) -> both perturbed.
     split, _ = _split_reference(weights, x, y, 2, **SAM)
-    _assert_close(_weights(model), split)
+    clean = reference.asam_gradients(_mlp(), weights, x, y, _mse,
+                                     **SAM)["grads"]
+    _assert_close(_weights(model), [
+        w - (w - s) / 2 - LR * g / 2
+        for w, s, g in zip(weights, split, clean)])
 
 
 # -- perturb ---------------------------------------------------------------

@@ -264,16 +264,23 @@ def test_rho_setter_takes_effect_without_retracing():
     traces = []
     train_step = model.train_step
 
-    def counting_train_step(data):
-        traces.append(1)  # Python runs only while tracing.
-        return train_step(data)
+    def counting_train_step(data, run_choice=None):
+        traces.append(run_choice)  # Python runs only while tracing.
+        return train_step(data, run_choice=run_choice)
 
     model.train_step = counting_train_step
     first = model.fit(x, y, batch_size=len(x), verbose=0).history["sharpness"]
     model.rho = 2.0
     second = model.fit(x, y, batch_size=len(x), verbose=0).history["sharpness"]
-    assert len(traces) == 1
+    assert traces == [True]
     assert second[0] > 2 * first[0]
+    # rho = 0 picks the plain step on the host (traced once more); back to
+    # a positive rho reuses the first function.
+    model.rho = 0.0
+    zero = model.fit(x, y, batch_size=len(x), verbose=0).history["sharpness"]
+    model.rho = 2.0
+    model.fit(x, y, batch_size=len(x), verbose=0)
+    assert traces == [True, False] and zero[0] == 0.0
 
 
 def test_rho_scheduler_sets_rho_each_epoch():

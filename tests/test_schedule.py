@@ -113,7 +113,9 @@ def test_sharpness_log_averages_only_perturbed_steps():
     np.testing.assert_allclose(logs[3], logs[1], rtol=1e-5)
 
 
-def test_schedules_do_not_retrace_and_match_under_xla():
+def test_schedules_trace_one_function_per_kind_and_match_under_xla():
+    # The host picks each step's kind: one traced step with the perturbed
+    # pass, one without, and no retracing after that.
     x, y = _data()
     results = []
     for jit in (False, True):
@@ -124,16 +126,60 @@ def test_schedules_do_not_retrace_and_match_under_xla():
         traces = []
         train_step = model.train_step
 
-        def counting(data, train_step=train_step, traces=traces):
-            traces.append(1)
-            return train_step(data)
+        def counting(data, run_choice=None, train_step=train_step,
+                     traces=traces):
+            traces.append(run_choice)
+            return train_step(data, run_choice=run_choice)
 
         model.train_step = counting
         model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0)
-        assert len(traces) == 1
+        assert sorted(traces) == [False, True]
         results.append([v.numpy() for v in model.trainable_variables])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_host_and_graph_pick_the_same_steps():
+    # steps_per_execution=3 leaves the choice to the graph (tf.cond on the
+    # model's counter); 1 lets the host pick. Same steps, same weights.
+    x, y = _data()
+    runs = []
+    for steps_per_execution in (1, 3):
+        model = ASAMModel(_mlp(), asam_every=2, asam_probability=0.6,
+                          asam_seed=11, **VARIANT)
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse",
+                      steps_per_execution=steps_per_execution)
+        model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+        assert model.train_steps == 12
+        runs.append([v.numpy() for v in model.trainable_variables])
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_host_draw_is_bitwise_the_graph_draw():
+    for seed in (0, 7, 2**63 + 5):
+        for step in (0, 1, 2, 1000, 2**40):
+            graph = float(schedule.uniform_draw(
+                seed, tf.constant(step, tf.int64)))
+            assert schedule.uniform_draw_on_host(seed, step) == graph
+
+
+def test_schedule_follows_train_steps_not_optimizer_iterations():
+    # Under gradient accumulation optimizer.iterations counts updates; the
+    # schedule counts train steps: with asam_every=2 micro-steps 0, 2 are
+    # perturbed, 1, 3 plain.
+    x, y = _data()
+    model = ASAMModel(_mlp(), asam_every=2, **VARIANT)
+    weights = [v.numpy() for v in model.trainable_variables]
+    model.compile(optimizer=keras.optimizers.SGD(
+        LR, gradient_accumulation_steps=2), loss="mse")
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    assert model.train_steps == 2
+    step = reference.asam_gradients(_mlp(), weights, x, y, _mse, **VARIANT)
+    want = [w - LR * (a + g) / 2
+            for w, a, g in zip(weights, step["adv_grads"], step["grads"])]
+    for v, w in zip(model.trainable_variables, want):
+        np.testing.assert_allclose(v.numpy(), w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
