@@ -59,7 +59,7 @@ def train_worker(args):
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                       loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"])
-    history = model.fit(dataset, epochs=EPOCHS,
+    history = model.fit(dataset, epochs=EPOCHS, shuffle=False,  # A dataset.
                         verbose=2 if task["index"] == 0 else 0).history
     checksum = float(sum(np.abs(v.numpy()).sum()
                          for v in model.trainable_variables))
