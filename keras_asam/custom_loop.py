@@ -26,7 +26,8 @@ References:
 
 import contextlib
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 from keras_asam import validation
 from keras_asam.perturbation import is_bias, perturbation
@@ -113,14 +114,14 @@ def perturbed_values(
     if paths is not None:
         paths = _aligned("paths", paths, "values", values)
     weights = [
-        value if g is None else tf.convert_to_tensor(value)
+        value if g is None else _as_tensor(value)
         for value, g in zip(values, gradients)
     ]
     scaled = (None if paths is None
               else [not is_bias(str(path)) for path in paths])
     eps = perturbation(gradients, weights, scaled=scaled, **hyperparameters)
     return [
-        weight if e is None else weight + tf.cast(e, weight.dtype)
+        weight if e is None else weight + ops.cast(e, weight.dtype)
         for weight, e in zip(weights, eps)
     ]
 
@@ -244,7 +245,7 @@ def perturbed(
                 "`variables` must be Keras variables or `tf.Variable`s. "
                 f"Received an element of type {type(v).__name__}: {v!r}"
             )
-    saved = [tf.identity(v) for v in variables]
+    saved = [_copy(v) for v in variables]
     eps = perturbation(
         gradients,
         saved,
@@ -256,7 +257,7 @@ def perturbed(
              if e is not None]
     try:
         for v, _, e in moved:
-            v.assign_add(tf.cast(e, v.dtype))
+            v.assign_add(ops.cast(e, v.dtype))
         yield eps
     finally:
         for v, w, _ in moved:
@@ -278,12 +279,35 @@ def _checked(rho, adaptive, eta, normalization, p):
 def _checked_rho(rho):
     """A number >= 0 as a float; a tensor as float32, with negative or
     non-finite values read as 0 (as `ASAMModel` reads its rho)."""
-    if tf.is_tensor(rho):
-        rho = tf.cast(rho, tf.float32)
-        return tf.where(
-            tf.logical_and(tf.math.is_finite(rho), rho > 0), rho, 0.0
+    if ops.is_tensor(rho) or isinstance(rho, keras.Variable):
+        rho = ops.cast(rho, "float32")
+        return ops.where(
+            ops.logical_and(ops.isfinite(rho), rho > 0), rho, 0.0
         )
     return validation.check_rho(rho)
+
+
+def _is_tensorflow():
+    return keras.backend.backend() == "tensorflow"
+
+
+def _as_tensor(value):
+    """`value` as a tensor of the backend (`tf.convert_to_tensor` on
+    TensorFlow)."""
+    if _is_tensorflow():
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(value)
+    return ops.convert_to_tensor(value)
+
+
+def _copy(variable):
+    """A copy of a variable's current value (`tf.identity` on TensorFlow)."""
+    if _is_tensorflow():
+        import tensorflow as tf
+
+        return tf.identity(variable)
+    return ops.copy(ops.convert_to_tensor(variable))
 
 
 def _aligned(name, items, other_name, other):

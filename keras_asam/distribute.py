@@ -7,7 +7,18 @@ over replicas inside `apply`, which turns those scaled per-replica gradients
 into the gradient of the global-batch mean loss.
 """
 
-import tensorflow as tf
+
+class _LazyTensorFlow:
+    """`tensorflow`, imported on first use: importing this module on the JAX
+    or PyTorch backend does not import TensorFlow."""
+
+    def __getattr__(self, name):
+        import tensorflow
+
+        return getattr(tensorflow, name)
+
+
+tf = _LazyTensorFlow()
 
 
 def num_replicas():

@@ -1,8 +1,8 @@
 """`ASAMModel` and `SAMModel`: Keras models that train with (A)SAM in `fit`.
 
 This module holds the construction, hyperparameters and configuration; the
-train step is in `tensorflow_step.py`, the maths in `perturbation.py` and
-`directions.py`.
+train step is in `tensorflow_step.py` (TensorFlow) and `backend/jax_step.py`,
+`backend/torch_step.py`, the maths in `perturbation.py` and `directions.py`.
 """
 
 import math
@@ -10,12 +10,11 @@ import math
 import keras
 import numpy as np
 
-from keras_asam import distribute, schedule, selection, validation
-from keras_asam.tensorflow_step import TensorFlowTrainStep
+from keras_asam import backend, schedule, selection, validation
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
-class ASAMModel(distribute.MultiWorkerFixes, TensorFlowTrainStep, keras.Model):
+class ASAMModel(*backend.train_step_bases(), keras.Model):
     """A `keras.Model` whose `fit` trains with Adaptive Sharpness-Aware
     Minimization (ASAM).
 
@@ -160,6 +159,7 @@ class ASAMModel(distribute.MultiWorkerFixes, TensorFlowTrainStep, keras.Model):
             asam_seed=validation.check_seed("asam_seed", asam_seed),
         )
         validation.check_variant_combination(hyperparameters)
+        backend.check_options(hyperparameters)
         model = _model_from_arguments(args, kwargs)
         super().__init__(**kwargs)
         self._hyperparameters = hyperparameters
@@ -363,6 +363,8 @@ class ASAMModel(distribute.MultiWorkerFixes, TensorFlowTrainStep, keras.Model):
         of them: with and without the perturbed pass, picked per call from
         the schedules and `rho` on the host (no conditional in the graph,
         no device read per step)."""
+        if keras.backend.backend() != "tensorflow":
+            return super().make_train_function(force=force)
         if self.train_function is not None and not force:
             return self.train_function
         if self.steps_per_execution != 1 or not (

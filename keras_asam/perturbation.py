@@ -2,6 +2,9 @@
 
 Pure functions of tensors, with no Keras model plumbing, so that the train
 step, the sharpness meter and the examples share one definition of eps.
+Written with `keras.ops`, so one definition serves every backend (on
+TensorFlow the ops are the same TensorFlow ops as before: `tf.cond`,
+`tf.nn.l2_loss`, `tf.add_n`).
 
 ASAM (Kwon et al., 2021) maximises the loss inside the ball
 ``||T_w^{-1} eps||_p <= rho``. The first-order solution is
@@ -19,7 +22,8 @@ References:
 
 import math
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 NORMALIZATIONS = ("elementwise", "filterwise")
 NORM_EPSILON = 1e-16  # Added to ||T_w g||, as in the official ASAM code.
@@ -61,14 +65,37 @@ def normalizer(weight, *, eta=0.01, normalization="elementwise"):
     Returns:
         A float32 tensor broadcastable to `weight`.
     """
-    weight = tf.cast(weight, tf.float32)
-    if normalization == "filterwise" and weight.shape.rank >= 2:
-        axes = list(range(weight.shape.rank - 1))
+    weight = ops.cast(weight, "float32")
+    rank = len(weight.shape)
+    if normalization == "filterwise" and rank >= 2:
+        axes = list(range(rank - 1))
         return (
-            tf.sqrt(tf.reduce_sum(tf.square(weight), axis=axes, keepdims=True))
+            ops.sqrt(ops.sum(ops.square(weight), axis=axes, keepdims=True))
             + eta
         )
-    return tf.abs(weight) + eta
+    return ops.abs(weight) + eta
+
+
+def _is_tensorflow():
+    return keras.backend.backend() == "tensorflow"
+
+
+def _add_n(terms):
+    """The sum of a list of tensors (`tf.add_n` on TensorFlow)."""
+    if _is_tensorflow():
+        import tensorflow as tf
+
+        return tf.add_n(terms)
+    return sum(terms[1:], terms[0])
+
+
+def _squared_norm(x):
+    """``sum(x ** 2)`` (as ``2 * tf.nn.l2_loss(x)`` on TensorFlow)."""
+    if _is_tensorflow():
+        import tensorflow as tf
+
+        return 2.0 * tf.nn.l2_loss(x)
+    return ops.sum(ops.square(x))
 
 
 def perturbation(
@@ -110,8 +137,8 @@ def perturbation(
 
     Example:
 
-    >>> w = [tf.constant([1.0, -2.0])]
-    >>> g = [tf.constant([0.5, 0.5])]
+    >>> w = [keras.ops.array([1.0, -2.0])]
+    >>> g = [keras.ops.array([0.5, 0.5])]
     >>> eps = perturbation(g, w, rho=0.5, eta=0.0)
     """
     if scaled is None:
@@ -120,7 +147,7 @@ def perturbation(
     eps = [None] * len(gradients)
     if not present:
         return eps
-    grads = {i: tf.cast(gradients[i], tf.float32) for i in present}
+    grads = {i: ops.cast(gradients[i], "float32") for i in present}
     scales = {
         i: (
             normalizer(weights[i], eta=eta, normalization=normalization)
@@ -129,7 +156,7 @@ def perturbation(
         )
         for i in present
     }
-    rho = tf.cast(rho, tf.float32)
+    rho = ops.cast(rho, "float32")
     if p == 2:
         directions = {
             i: grads[i] if scales[i] is None else scales[i] * grads[i]
@@ -141,9 +168,7 @@ def perturbation(
         raise ValueError(f"`p` must be 2 or inf. Received: p={p}")
     # ||T_w g||_2 (||g||_2 for p = inf): not finite iff some entry is not
     # (or the squared norm overflows float32), and then eps = 0.
-    norm = tf.sqrt(
-        2.0 * tf.add_n([tf.nn.l2_loss(directions[i]) for i in present])
-    )
+    norm = ops.sqrt(_add_n([_squared_norm(directions[i]) for i in present]))
 
     def ascent():
         if p == 2:
@@ -154,15 +179,15 @@ def perturbation(
                 for i in present
             ]
         return [
-            tf.sign(grads[i]) * (rho if scales[i] is None
+            ops.sign(grads[i]) * (rho if scales[i] is None
                                  else rho * scales[i])
             for i in present
         ]
 
     def no_ascent():
-        return [tf.zeros_like(grads[i]) for i in present]
+        return [ops.zeros_like(grads[i]) for i in present]
 
-    values = tf.cond(tf.math.is_finite(norm), ascent, no_ascent)
+    values = ops.cond(ops.isfinite(norm), ascent, no_ascent)
     for i, value in zip(present, values):
         eps[i] = value
     return eps
@@ -189,25 +214,25 @@ def project(eps, weights, *, rho, scaled=None, adaptive=True, eta=0.01,
         i: (
             normalizer(weights[i], eta=eta, normalization=normalization)
             if adaptive and scaled[i]
-            else tf.ones((), tf.float32)
+            else ops.ones((), "float32")
         )
         for i in present
     }
-    rho = tf.cast(rho, tf.float32)
+    rho = ops.cast(rho, "float32")
     projected = list(eps)
     if p == 2:
         # z = T_w^{-1} eps; shrink z onto the sphere when it leaves the ball.
-        norm = tf.sqrt(tf.add_n([
-            tf.reduce_sum(tf.square(tf.cast(eps[i], tf.float32) / scales[i]))
+        norm = ops.sqrt(_add_n([
+            ops.sum(ops.square(ops.cast(eps[i], "float32") / scales[i]))
             for i in present
         ]))
-        shrink = tf.minimum(1.0, rho / (norm + NORM_EPSILON))
+        shrink = ops.minimum(1.0, rho / (norm + NORM_EPSILON))
         for i in present:
-            projected[i] = tf.cast(eps[i], tf.float32) * shrink
+            projected[i] = ops.cast(eps[i], "float32") * shrink
     else:
         for i in present:
             bound = rho * scales[i]
-            projected[i] = tf.clip_by_value(
-                tf.cast(eps[i], tf.float32), -bound, bound
+            projected[i] = ops.clip(
+                ops.cast(eps[i], "float32"), -bound, bound
             )
     return projected

@@ -7,15 +7,16 @@ survive `BackupAndRestore`. The host follows that count, so `fit` picks each
 step's kind before it runs: one traced function with the perturbed pass, one
 without, no conditional in the graph (`perturb_on_host`). Inside a call that
 runs several steps (`steps_per_execution > 1`) the graph decides instead
-(`perturb_this_step`, one `tf.cond`); both give the same bits.
+(`perturb_this_step`, one `tf.cond`); both give the same bits. The host
+draw uses Python integers, so every backend (JAX without x64 too) picks the
+same steps; `uniform_draw`/`perturb_this_step` are TensorFlow's in-graph
+version.
 
 References:
     - Composer's `SAM(interval=k)` (MosaicML).
     - [Zhao et al., 2022, Randomized Sharpness-Aware Training](
       https://arxiv.org/abs/2203.09962)
 """
-
-import tensorflow as tf
 
 DEFAULT_SEED = 1337
 
@@ -34,6 +35,8 @@ def uniform_draw(seed, iterations):
     Returns:
         float64 scalar tensor.
     """
+    import tensorflow as tf
+
     def u64(value):
         return tf.constant(value, tf.uint64)
 
@@ -87,6 +90,8 @@ def perturb_this_step(iterations, *, every=1, probability=1.0,
     Returns:
         Boolean scalar tensor.
     """
+    import tensorflow as tf
+
     iterations = tf.cast(iterations, tf.int64)
     run = tf.equal(iterations % every, 0)
     if probability < 1.0:

@@ -4,10 +4,22 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_asam import selection, validation
 from keras_asam.perturbation import is_bias, perturbation, project
+
+
+class _LazyTensorFlow:
+    """`tensorflow`, imported on first use: importing this module on the JAX
+    or PyTorch backend does not import TensorFlow."""
+
+    def __getattr__(self, name):
+        import tensorflow
+
+        return getattr(tensorflow, name)
+
+
+tf = _LazyTensorFlow()
 
 DEFAULTS = dict(adaptive=True, eta=0.01, normalization="elementwise", p=2,
                 perturb=None)
@@ -80,6 +92,12 @@ def sharpness(
     References:
         - [Kwon et al., 2021](https://arxiv.org/abs/2102.11600)
     """
+    if keras.backend.backend() != "tensorflow":
+        raise NotImplementedError(
+            "`keras_asam.sharpness` runs on the TensorFlow backend only; "
+            f"the current backend is {keras.backend.backend()!r}. The "
+            "`sharpness` that `fit` logs works on every backend."
+        )
     if not isinstance(model, keras.Model):
         raise ValueError(
             "`model` must be a `keras.Model`. Received: "

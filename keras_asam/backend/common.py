@@ -1,0 +1,89 @@
+"""What the JAX and PyTorch train steps share: reading the hyperparameters,
+ASAM's own state, which variables the ascent moves, and the choice of each
+step's kind on the host.
+
+`ASAMModel` (model.py) holds the hyperparameters; these mixins only read
+them. The TensorFlow step (`keras_asam.tensorflow_step`) has its own copies
+of the first helpers.
+"""
+
+import keras
+
+from keras_asam import selection
+from keras_asam.perturbation import is_bias, perturbation
+
+
+class CommonTrainStep:
+    """Helpers of the JAX and PyTorch steps (a mixin of `ASAMModel`)."""
+
+    # -- ASAM's own state ----------------------------------------------------
+
+    def _own_state(self):
+        """ASAM's own variables: `rho`, the step count, LookSAM's g_v."""
+        return [self._rho, self._train_steps] + list(self._looksam_direction)
+
+    def _float_state(self):
+        """Non-trainable float variables of the layers (BatchNorm moving
+        statistics), without ASAM's own state."""
+        own = {id(v) for v in self._own_state()}
+        return [
+            v for v in self.non_trainable_variables
+            if id(v) not in own and keras.backend.is_float_dtype(v.dtype)
+        ]
+
+    def _has_step_schedule(self):
+        return not (self.asam_every == 1 and self.asam_probability == 1.0)
+
+    def _perturbed_mask(self, variables):
+        """Which of `variables` the ascent moves (`perturb=`)."""
+        return selection.selected(self.perturb, self, variables)
+
+    def _symbolic_build(self, *args, **kwargs):
+        super()._symbolic_build(*args, **kwargs)
+        self._create_own_state()
+
+    def _check_trainable(self):
+        if not self.trainable_variables:
+            raise ValueError(
+                f"Model {self.name} has no trainable weights: ASAM has "
+                "nothing to perturb or update. Check `trainable` on the "
+                "model and its layers."
+            )
+
+    def _eps(self, gradients, values, rho):
+        """eps for the trainable variables (values aligned with
+        `self.trainable_variables`), with this model's hyperparameters."""
+        variables = self.trainable_variables
+        mask = self._perturbed_mask(variables)
+        return perturbation(
+            [g if chosen else None for g, chosen in zip(gradients, mask)],
+            values,
+            rho=rho,
+            scaled=[not is_bias(v.path) for v in variables],
+            adaptive=self.adaptive,
+            eta=self.eta,
+            normalization=self.normalization,
+            p=self.p,
+        )
+
+    # -- the host's choice of each step's kind ---------------------------
+
+    def _host_choice(self, read_train_steps, read_rho):
+        """The kind of the next step (`True`: with the perturbed pass), from
+        the model's count of train steps, which the host follows (read once
+        per `fit` through `read_train_steps()`)."""
+        if self._host_step is None:
+            self._host_step = int(read_train_steps())
+            if self._rho_schedule is None:
+                self._rho_on_host = float(read_rho())
+        run = self._host_runs_perturbed_pass(self._host_step)
+        self._host_step += 1
+        return run
+
+    def make_train_function(self, force=False):
+        raise NotImplementedError  # Each backend's mixin defines it.
+
+
+class UnsupportedBackendStep:
+    """Placeholder base on a backend without an ASAM step (construction
+    raises first, in `keras_asam.backend.check_options`)."""

@@ -1,0 +1,254 @@
+"""The (A)SAM train step on JAX, stateless in Keras 3's style.
+
+Mirrors `keras/src/backend/jax/trainer.py`: `train_step(state, data)` takes
+and returns the values of the trainable, non-trainable, optimizer and metric
+variables. One step is
+
+    rho_t     = rho(counter)                   (from the state)
+    g         = grad L(w)                      (clean pass: loss, metrics)
+    eps       = ascent(g, rho_t)               perturbation.py
+    g_adv     = grad L(w + eps)                (a second gradient, from values:
+                                                nothing assigned or restored)
+    d         = direction(g, g_adv)            (SAM; GSAM; LookSAM)
+    w, opt    = optimizer.stateless_apply(opt, d, w)
+
+The perturbed pass starts from the non-trainable values the clean pass
+returned (as on TensorFlow). Its changes to float non-trainable values
+(BatchNorm moving statistics) are dropped unless `keep_perturbed_state`;
+integer state (seed generators) advances; metric updates are dropped.
+
+Each step's kind (with or without the perturbed pass) is picked on the host
+from the model's count of train steps (`schedule.perturb_on_host`, Python
+integers, the same bits as on TensorFlow): two jitted step functions, no
+conditional around the pass and no host read inside the step.
+
+The `sharpness` mean is a metric kept out of `self.metrics` (so `evaluate`
+logs what a plain model logs); its variables join the metric variables of
+the state through `metrics_variables`.
+
+Under `keras.distribution.DataParallel` the jitted step computes the loss
+of the global batch, so the ascent uses the global-batch gradient: the
+single-device step (what `sync_perturbation=True` means on TensorFlow).
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_asam import directions
+from keras_asam.backend.common import CommonTrainStep
+
+
+class JaxTrainStep(CommonTrainStep):
+    """`train_step` of `ASAMModel` for the JAX backend (a mixin)."""
+
+    @property
+    def metrics_variables(self):
+        variables = super().metrics_variables
+        tracker = self.__dict__.get("_sharpness_tracker")
+        if tracker is not None:
+            variables = variables + list(tracker.variables)
+        return variables
+
+    def _nt_index(self, variable):
+        for i, v in enumerate(self.non_trainable_variables):
+            if v is variable:
+                return i
+        raise ValueError(f"{variable.path} is not a non-trainable variable")
+
+    def _optimizer_mapping(self, optimizer_variables):
+        return list(zip(self.optimizer.variables, optimizer_variables))
+
+    def _rho_value(self, non_trainable, optimizer_variables):
+        """rho_t as a float32 scalar; a negative or non-finite value is 0."""
+        if self.rho_schedule is None:
+            rho = non_trainable[self._nt_index(self._rho)]
+        else:
+            with keras.StatelessScope(
+                state_mapping=self._optimizer_mapping(optimizer_variables)
+            ):
+                rho = self.rho_schedule(self._learning_rate_counter())
+        rho = jnp.asarray(rho, jnp.float32)
+        return jnp.where(jnp.isfinite(rho) & (rho > 0), rho, 0.0)
+
+    def _loss_scale(self, optimizer_variables):
+        optimizer = self.optimizer
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return jnp.float32(1.0)
+        with keras.StatelessScope(
+            state_mapping=self._optimizer_mapping(optimizer_variables)
+        ):
+            return jnp.asarray(optimizer.dynamic_scale.value, jnp.float32)
+
+    def train_step(self, state, data, run=True):
+        """One step; `run` (a Python bool picked on the host) says whether
+        it takes the perturbed pass."""
+        (trainable, non_trainable, optimizer_variables,
+         metrics_variables) = state
+        self._check_trainable()
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        grad_fn = jax.value_and_grad(
+            self.compute_loss_and_updates, has_aux=True
+        )
+
+        def passes(values, non_trainable, metrics):
+            return grad_fn(
+                values, non_trainable, metrics, x, y, sample_weight,
+                training=True, optimizer_variables=optimizer_variables,
+            )
+
+        # Pass 1 at w: the loss, the metrics and the ascent direction.
+        (_, aux), gradients = passes(
+            trainable, non_trainable, metrics_variables
+        )
+        loss, y_pred, new_non_trainable, metrics_variables = aux
+        new_non_trainable = list(new_non_trainable)
+        adversarial, adversarial_loss = gradients, loss
+
+        if run:
+            rho = self._rho_value(non_trainable, optimizer_variables)
+            eps = self._eps(gradients, trainable, rho)
+            perturbed = [
+                w if e is None else w + e.astype(w.dtype)
+                for w, e in zip(trainable, eps)
+            ]
+            # Pass 2 at w + eps; its metric updates are dropped.
+            (_, aux), adversarial = passes(
+                perturbed, new_non_trainable, metrics_variables
+            )
+            adversarial_loss, _, perturbed_non_trainable, _ = aux
+            float_state = {id(v) for v in self._float_state()}
+            new_non_trainable = [
+                clean if (id(v) in float_state
+                          and not self.keep_perturbed_state) else after
+                for v, clean, after in zip(
+                    self.non_trainable_variables, new_non_trainable,
+                    perturbed_non_trainable,
+                )
+            ]
+            adversarial = self._finite_or_clean(
+                adversarial, gradients, adversarial_loss
+            )
+
+        descent = self._descent_direction(
+            gradients, adversarial, adversarial_loss, run,
+            new_non_trainable, optimizer_variables,
+        )
+        trainable, optimizer_variables = self.optimizer.stateless_apply(
+            optimizer_variables, descent, trainable
+        )
+        steps = self._nt_index(self._train_steps)
+        new_non_trainable[steps] = non_trainable[steps] + 1
+
+        logs, metrics_variables = self._update_metrics(
+            metrics_variables, loss, x, y, y_pred, sample_weight,
+            adversarial_loss - loss if run else None,
+        )
+        return logs, (trainable, new_non_trainable, optimizer_variables,
+                      metrics_variables)
+
+    def _finite_or_clean(self, adversarial, gradients, adversarial_loss):
+        """g_adv, or g where L(w + eps) is not finite (a select). Under a
+        `LossScaleOptimizer` g_adv as is: it skips non-finite steps."""
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return adversarial
+        finite = jnp.isfinite(adversarial_loss)
+        return [jnp.where(finite, ga, g)
+                for ga, g in zip(adversarial, gradients)]
+
+    def _descent_direction(self, gradients, adversarial, adversarial_loss,
+                           run, non_trainable, optimizer_variables):
+        """What the optimizer applies; LookSAM's g_v is updated in
+        `non_trainable` (in place) on the perturbed steps."""
+        if self.gsam_alpha > 0 and run:
+            scale = self._loss_scale(optimizer_variables)
+            return directions.gsam_direction(
+                gradients, adversarial, self.gsam_alpha,
+                epsilon=directions.GSAM_EPSILON * scale * scale,
+            )
+        if self.looksam_alpha > 0:
+            indices = [self._nt_index(v) for v in self._looksam_direction]
+            if run:
+                candidate = directions.looksam_orthogonal(
+                    gradients, adversarial
+                )
+                norm = directions.dot(candidate, candidate)
+                keep = jnp.isfinite(norm) & jnp.isfinite(adversarial_loss)
+                for i, c in zip(indices, candidate):
+                    non_trainable[i] = jnp.where(keep, c, non_trainable[i])
+                return adversarial
+            gradient_norm = jnp.sqrt(directions.dot(gradients, gradients))
+            correction = directions.looksam_correction(
+                gradient_norm, [non_trainable[i] for i in indices],
+                self.looksam_alpha,
+            )
+            return [g.astype(jnp.float32) + c
+                    for g, c in zip(gradients, correction)]
+        return adversarial if run else gradients
+
+    def _update_metrics(self, metrics_variables, loss, x, y, y_pred,
+                        sample_weight, sharpness):
+        """The loss, compiled metrics and `sharpness`, statelessly."""
+        references = self.metrics_variables
+        batch_size = next(
+            t for t in keras.tree.flatten(x) if t is not None
+        ).shape[0]
+        with keras.StatelessScope(
+            state_mapping=list(zip(references, metrics_variables))
+        ) as scope:
+            self._loss_tracker.update_state(loss, sample_weight=batch_size)
+            if sharpness is not None:
+                finite = jnp.isfinite(sharpness)
+                self._sharpness_tracker.update_state(
+                    jnp.where(finite, sharpness, 0.0),
+                    sample_weight=jnp.where(finite, float(batch_size), 0.0),
+                )
+            logs = self.compute_metrics(x, y, y_pred, sample_weight)
+            logs["sharpness"] = self._sharpness_tracker.result()
+        new = []
+        for reference, value in zip(references, metrics_variables):
+            current = scope.get_current_value(reference)
+            new.append(value if current is None else current)
+        return logs, new
+
+    # -- the train function: each step's kind picked on the host ----------
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return
+        compiled = {}
+
+        def step_for(run):
+            if run not in compiled:
+                def step(state, data):
+                    return self.train_step(state, data, run=run)
+
+                if not self.run_eagerly and self.jit_compile:
+                    out_shardings = None
+                    if keras.distribution.distribution() is not None:
+                        out_shardings = (None,
+                                         self._get_state_sharding_spec())
+                    step = jax.jit(step, donate_argnums=0,
+                                   out_shardings=out_shardings)
+                compiled[run] = step
+            return compiled[run]
+
+        def train_function(state, iterator):
+            logs = None
+            for k in range(self.steps_per_execution):
+                try:
+                    data = next(iterator)
+                except StopIteration:
+                    if k == 0:
+                        raise
+                    break
+                run = self._host_choice(
+                    lambda: np.asarray(
+                        state[1][self._nt_index(self._train_steps)]),
+                    lambda: np.asarray(state[1][self._nt_index(self._rho)]),
+                )
+                logs, state = step_for(run)(state, data)
+            return logs, state
+
+        self.train_function = train_function

@@ -1,0 +1,195 @@
+"""The (A)SAM train step on PyTorch.
+
+Mirrors `keras/src/backend/torch/trainer.py`. One step is
+
+    rho_t     = rho(counter)
+    g         = grad L(w)                      (clean pass: loss, metrics)
+    eps       = ascent(g, rho_t)               perturbation.py, under no_grad
+    w        += eps                            under no_grad, from a saved copy
+    g_adv     = grad L(w + eps)                (grads zeroed before the pass)
+    w         = the saved copy                 (restored, never w - eps)
+    d         = direction(g, g_adv)            (SAM; GSAM; LookSAM)
+    optimizer.apply(d)                         under no_grad
+
+The ascent touches no optimizer state. Metric variables, and unless
+`keep_perturbed_state` the float non-trainable variables (BatchNorm moving
+statistics), are restored after the perturbed pass. Each step's kind is
+picked on the host (`schedule.perturb_on_host`), as on TensorFlow and JAX.
+"""
+
+import warnings
+
+import keras
+import torch
+
+from keras_asam import directions
+from keras_asam.backend.common import CommonTrainStep
+
+
+class TorchTrainStep(CommonTrainStep):
+    """`train_step` of `ASAMModel` for the PyTorch backend (a mixin)."""
+
+    def _rho_this_step(self):
+        """rho_t as a float32 scalar; a negative or non-finite value is 0."""
+        if self.rho_schedule is None:
+            rho = self._rho.value
+        else:
+            rho = self.rho_schedule(self._learning_rate_counter())
+        rho = keras.ops.cast(rho, "float32")
+        return torch.where(torch.isfinite(rho) & (rho > 0), rho,
+                           torch.zeros_like(rho))
+
+    def _loss_and_gradients(self, x, y, sample_weight):
+        """Forward and backward pass; returns (y_pred, loss, gradients),
+        the loss before loss scaling, gradients of the scaled loss."""
+        if self._call_has_training_arg:
+            y_pred = self(x, training=True)
+        else:
+            y_pred = self(x)
+        self.zero_grad()
+        loss = self._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+            training=True,
+        )
+        self._check_trainable()
+        self.optimizer.scale_loss(loss).backward()
+        gradients = [v.value.grad for v in self.trainable_variables]
+        return y_pred, loss.detach(), gradients
+
+    def train_step(self, data, run=True):
+        """One step; `run` (a Python bool picked on the host) says whether
+        it takes the perturbed pass."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch_size = next(
+            t for t in keras.tree.flatten(x) if t is not None
+        ).shape[0]
+        y_pred, loss, gradients = self._loss_and_gradients(
+            x, y, sample_weight
+        )
+        adversarial, adversarial_loss = gradients, loss
+        if run:
+            adversarial, adversarial_loss = self._adversarial_gradients(
+                x, y, sample_weight, gradients
+            )
+        variables = self.trainable_variables
+        descent = self._descent_direction(
+            gradients, adversarial, adversarial_loss, run
+        )
+        with torch.no_grad():
+            self.optimizer.apply(descent, variables)
+            self._train_steps.assign_add(1)
+        self.zero_grad()
+
+        self._loss_tracker.update_state(loss, sample_weight=batch_size)
+        if run:
+            sharpness = adversarial_loss - loss
+            finite = torch.isfinite(sharpness)
+            self._sharpness_tracker.update_state(
+                torch.where(finite, sharpness, torch.zeros_like(sharpness)),
+                sample_weight=float(batch_size) * finite.float(),
+            )
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs["sharpness"] = self._sharpness_tracker.result()
+        return logs
+
+    def _adversarial_gradients(self, x, y, sample_weight, gradients):
+        """Ascent to w + eps, pass 2 there, and back to w exactly."""
+        variables = self.trainable_variables
+        state = [v for m in self.metrics for v in m.variables]
+        if not self.keep_perturbed_state:
+            state += self._float_state()
+        state = list({id(v): v for v in state}.values())
+        with torch.no_grad():
+            rho = self._rho_this_step()
+            eps = self._eps(
+                [None if g is None else g.detach() for g in gradients],
+                [v.value.detach() for v in variables], rho,
+            )
+            moved = [(v, e) for v, e in zip(variables, eps) if e is not None]
+            saved_weights = [v.value.detach().clone() for v, _ in moved]
+            saved_state = [v.value.detach().clone() for v in state]
+            for v, e in moved:
+                v.value.add_(e.to(v.value.dtype))
+        try:
+            _, adversarial_loss, adversarial = self._loss_and_gradients(
+                x, y, sample_weight
+            )
+        finally:
+            with torch.no_grad():
+                for (v, _), value in zip(moved, saved_weights):
+                    v.assign(value)
+                for v, value in zip(state, saved_state):
+                    v.assign(value)
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            finite = torch.isfinite(adversarial_loss)
+            adversarial = [
+                None if ga is None or g is None else torch.where(finite, ga, g)
+                for ga, g in zip(adversarial, gradients)
+            ]
+        return adversarial, adversarial_loss
+
+    def _loss_scale(self):
+        optimizer = self.optimizer
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return 1.0
+        return keras.ops.cast(optimizer.dynamic_scale, "float32")
+
+    def _descent_direction(self, gradients, adversarial, adversarial_loss,
+                           run):
+        if self.gsam_alpha > 0 and run:
+            scale = self._loss_scale()
+            return directions.gsam_direction(
+                gradients, adversarial, self.gsam_alpha,
+                epsilon=directions.GSAM_EPSILON * scale * scale,
+            )
+        if self.looksam_alpha > 0:
+            stored = self._looksam_direction
+            if run:
+                with torch.no_grad():
+                    candidate = directions.looksam_orthogonal(
+                        gradients, adversarial
+                    )
+                    norm = directions.dot(candidate, candidate)
+                    keep = (torch.isfinite(norm)
+                            & torch.isfinite(adversarial_loss))
+                    for v, c in zip(stored, candidate):
+                        if c is not None:
+                            v.assign(torch.where(keep, c, v.value))
+                return adversarial
+            with torch.no_grad():
+                gradient_norm = torch.sqrt(
+                    directions.dot(gradients, gradients)
+                )
+                correction = directions.looksam_correction(
+                    gradient_norm, [v.value for v in stored],
+                    self.looksam_alpha,
+                )
+            return [None if g is None else g.float() + c
+                    for g, c in zip(gradients, correction)]
+        return adversarial if run else gradients
+
+    # -- the train function: each step's kind picked on the host ----------
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.steps_per_execution > 1:
+            raise ValueError(
+                "`steps_per_execution` must be 1 with the PyTorch backend. "
+                f"Received: steps_per_execution={self.steps_per_execution}"
+            )
+        if self.jit_compile:
+            warnings.warn(
+                "`ASAMModel` runs its PyTorch step eagerly: `jit_compile` "
+                "is ignored.", stacklevel=2,
+            )
+
+        def one_step_on_data(data):
+            run = self._host_choice(
+                lambda: self.train_steps,
+                lambda: keras.ops.convert_to_numpy(self._rho),
+            )
+            return self.train_step(data[0], run=run)
+
+        self.train_function = one_step_on_data
+        return one_step_on_data
