@@ -13,8 +13,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = ["quickstart.py", "toy_trajectories.py", "tfhub_finetune.py",
-           "multiworker.py", "cifar.py", os.path.join("..", "benchmarks",
-                                                      "step_time.py")]
+           "multiworker.py", "cifar.py", "custom_loop.py",
+           os.path.join("..", "benchmarks", "step_time.py")]
 
 
 def _run(script, *args, timeout=600, env=None):
