@@ -218,6 +218,10 @@ class JaxTrainStep(CommonTrainStep):
         if self.train_function is not None and not force:
             return
         compiled = {}
+        # Read now: in `fit` the variables' values are detached later.
+        out_shardings = None
+        if keras.distribution.distribution() is not None:
+            out_shardings = (None, self._get_state_sharding_spec())
 
         def step_for(run):
             if run not in compiled:
@@ -225,10 +229,6 @@ class JaxTrainStep(CommonTrainStep):
                     return self.train_step(state, data, run=run)
 
                 if not self.run_eagerly and self.jit_compile:
-                    out_shardings = None
-                    if keras.distribution.distribution() is not None:
-                        out_shardings = (None,
-                                         self._get_state_sharding_spec())
                     step = jax.jit(step, donate_argnums=0,
                                    out_shardings=out_shardings)
                 compiled[run] = step

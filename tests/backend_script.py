@@ -1,0 +1,205 @@
+"""Measurements of `ASAMModel` on one Keras backend, printed as JSON.
+
+Run in a subprocess with KERAS_BACKEND set (tests/test_backends.py):
+
+    KERAS_BACKEND=jax python tests/backend_script.py ARGS_JSON
+
+ARGS_JSON holds `saved_model` (a .keras file written on TensorFlow) and
+`runs` (per trajectory name, the steps TensorFlow's in-graph schedule picks).
+The last line of stdout is a JSON object of measurements; the pytest process
+compares them with NumPy references.
+"""
+
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+import keras  # noqa: E402
+
+import keras_asam  # noqa: E402
+
+OUT = {"backend": keras.backend.backend(),
+       "tensorflow_imported": "tensorflow" in sys.modules}
+
+rng = np.random.default_rng(0)
+X = rng.normal(size=(16, 4)).astype("float32")
+Y = rng.normal(size=(16, 2)).astype("float32")
+W0 = [rng.normal(size=(4, 3)).astype("float32") * 0.8,
+      rng.normal(size=(3,)).astype("float32") * 0.1,
+      rng.normal(size=(3, 2)).astype("float32") * 0.8,
+      rng.normal(size=(2,)).astype("float32") * 0.1]
+OUT["data"] = {"x": X.tolist(), "y": Y.tolist(), "w0": [w.tolist() for w in W0]}
+
+
+def mlp():
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(3, activation="tanh")(inputs)
+    return inputs, keras.layers.Dense(2)(h)
+
+
+def weights(model):
+    return [np.asarray(keras.ops.convert_to_numpy(v)).tolist()
+            for v in model.trainable_variables]
+
+
+def trained(steps=1, lr=0.1, **options):
+    model = keras_asam.ASAMModel(*mlp(), **options)
+    model.wrapped_model.set_weights(W0)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    history = model.fit(X, Y, batch_size=16, epochs=steps, shuffle=False,
+                        verbose=0)
+    return model, history.history
+
+
+# One step of each variant.
+variants = {
+    "asam_elementwise": dict(rho=0.5),
+    "asam_filterwise": dict(rho=0.5, normalization="filterwise"),
+    "sam": dict(rho=0.05, adaptive=False),
+    "asam_pinf": dict(rho=0.05, p=float("inf")),
+    "gsam": dict(rho=0.05, adaptive=False, gsam_alpha=0.3),
+    "nonfinite": dict(rho=1e30, adaptive=False),
+}
+OUT["one_step"] = {}
+for name, options in variants.items():
+    model, history = trained(**options)
+    OUT["one_step"][name] = {"weights": weights(model),
+                             "loss": history["loss"][0],
+                             "sharpness": history["sharpness"][0]}
+
+# Trajectories: schedules (steps picked on the host), LookSAM, rho schedule.
+trajectories = {
+    "every3": dict(rho=0.5, asam_every=3),
+    "probability": dict(rho=0.5, asam_probability=0.5, asam_seed=7),
+    "looksam": dict(rho=0.5, asam_every=2, looksam_alpha=0.7),
+    "rho_schedule": dict(rho=keras.optimizers.schedules.PiecewiseConstantDecay(
+        [1], [0.5, 0.1])),
+}
+OUT["trajectory"] = {}
+for name, options in trajectories.items():
+    model, history = trained(steps=6, **options)
+    OUT["trajectory"][name] = {"weights": weights(model),
+                               "train_steps": model.train_steps}
+
+# BatchNorm statistics: clean pass by default, both with keep_perturbed_state.
+def bn_model(**options):
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(3)(inputs)
+    h = keras.layers.BatchNormalization(momentum=0.5)(h)
+    return keras_asam.ASAMModel(inputs, keras.layers.Dense(2)(h), **options)
+
+
+OUT["batchnorm"] = {}
+for keep in (False, True):
+    model = bn_model(rho=0.5, keep_perturbed_state=keep)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    start = [keras.ops.convert_to_numpy(v) for v in model.weights]
+    plain = keras.Model(model.wrapped_model.inputs,
+                        model.wrapped_model.outputs)
+    plain(X, training=True)  # The clean pass's update of the statistics.
+    clean_stats = keras.ops.convert_to_numpy(
+        plain.layers[2].moving_mean).tolist()
+    for v, value in zip(model.weights, start):
+        v.assign(value)
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+    OUT["batchnorm"][str(keep)] = {
+        "moving_mean": keras.ops.convert_to_numpy(
+            model.wrapped_model.layers[2].moving_mean).tolist(),
+        "clean_moving_mean": clean_stats,
+    }
+
+# Three construction modes, evaluate and predict.
+class Net(keras_asam.ASAMModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(3, activation="tanh")
+        self.out = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+OUT["modes"] = {}
+for mode in ("functional", "wrapped", "subclassed"):
+    if mode == "functional":
+        model = keras_asam.ASAMModel(*mlp(), rho=0.5)
+    elif mode == "wrapped":
+        model = keras_asam.ASAMModel(keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(3, activation="tanh"),
+             keras.layers.Dense(2)]), rho=0.5)
+    else:
+        model = Net(rho=0.5)
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    history = model.fit(X, Y, batch_size=8, epochs=2, verbose=0).history
+    evaluation = model.evaluate(X, Y, verbose=0, return_dict=True)
+    prediction = model.predict(X, verbose=0)
+    OUT["modes"][mode] = {
+        "history_keys": sorted(history),
+        "sharpness": history["sharpness"],
+        "evaluate_keys": sorted(evaluation),
+        "evaluate_loss": evaluation["loss"],
+        "predict_shape": list(prediction.shape),
+        "train_steps": model.train_steps,
+    }
+
+# Keras' file utilities use TensorFlow's gfile when it is installed, so
+# loading a .keras file may import it: check before.
+OUT["tensorflow_imported_before_loading"] = "tensorflow" in sys.modules
+
+# A .keras file saved on TensorFlow.
+args = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+if args.get("saved_model"):
+    loaded = keras.saving.load_model(args["saved_model"])
+    OUT["loaded"] = {
+        "class": type(loaded).__name__,
+        "config": {k: loaded.get_config()[k] for k in (
+            "rho", "eta", "adaptive", "normalization", "p", "asam_every")},
+        "weights": [keras.ops.convert_to_numpy(v).tolist()
+                    for v in loaded.weights],
+        "predict": loaded.predict(X, verbose=0).tolist(),
+    }
+    loaded.compile(optimizer="sgd", loss="mse")
+    loaded.fit(X, Y, epochs=1, verbose=0)
+    OUT["loaded"]["trains"] = bool(np.isfinite(
+        keras.ops.convert_to_numpy(loaded.trainable_variables[0])).all())
+
+# What is not implemented on this backend raises at construction / call.
+errors = {}
+try:
+    keras_asam.ASAMModel(*mlp(), num_batch_splits=2)
+except NotImplementedError as error:
+    errors["num_batch_splits"] = str(error)
+model, _ = trained()
+try:
+    keras_asam.sharpness(model, X, Y, rho=0.5)
+except NotImplementedError as error:
+    errors["sharpness"] = str(error)
+OUT["errors"] = errors
+
+# JAX: `keras.distribution.DataParallel` over the host's CPU devices (the
+# test starts this process with XLA_FLAGS giving 2 of them); set last, so the
+# measurements above are single-device.
+if keras.backend.backend() == "jax":
+    import jax
+
+    devices = jax.devices()
+    OUT["devices"] = len(devices)
+    if len(devices) >= 2:
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=devices))
+        OUT["distributed"] = {}
+        for name in ("asam_elementwise", "gsam"):
+            model, history = trained(**variants[name])
+            OUT["distributed"][name] = {"weights": weights(model),
+                                        "loss": history["loss"][0]}
+        keras.distribution.set_distribution(None)
+
+print(json.dumps(OUT, default=lambda v: None if not math.isfinite(v) else v))

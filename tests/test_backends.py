@@ -1,0 +1,264 @@
+"""`ASAMModel` on the JAX and PyTorch backends.
+
+Each backend runs `tests/backend_script.py` once, in a subprocess with
+KERAS_BACKEND set (this process stays on TensorFlow); its JSON measurements
+are compared here with NumPy references: a tiny MLP's gradients written out
+by hand and `tests/reference.py`'s eps. PyTorch's tests carry the `torch`
+marker and are skipped when `torch` is not installed.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_asam
+from keras_asam import schedule
+from tests import reference
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "backend_script.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR = 0.1
+STEPS = 6
+TRAJECTORIES = {
+    "every3": dict(rho=0.5, every=3),
+    "probability": dict(rho=0.5, probability=0.5, seed=7),
+    "looksam": dict(rho=0.5, every=2, looksam=0.7),
+    "rho_schedule": dict(rho=[0.5, 0.5, 0.1, 0.1, 0.1, 0.1]),
+}
+
+
+# -- NumPy reference: Dense(3, tanh) -> Dense(2), mean squared error -------
+
+def loss_and_grads(w, x, y):
+    w1, b1, w2, b2 = [np.asarray(v, np.float64) for v in w]
+    h = np.tanh(x @ w1 + b1)
+    out = h @ w2 + b2
+    diff = out - y
+    loss = (diff ** 2).mean()
+    d_out = 2 * diff / diff.size
+    dh = d_out @ w2.T * (1 - h ** 2)
+    return loss, [x.T @ dh, dh.sum(0), h.T @ d_out, d_out.sum(0)]
+
+
+BIASES = [False, True, False, True]
+
+
+def adversarial(w, x, y, **variant):
+    loss, g = loss_and_grads(w, x, y)
+    eps = reference.eps(g, w, BIASES, **variant)
+    adv_loss, g_adv = loss_and_grads([a + e for a, e in zip(w, eps)], x, y)
+    return loss, g, adv_loss, g_adv
+
+
+def dot(a, b):
+    return sum((u * v).sum() for u, v in zip(a, b))
+
+
+def step(w, d):
+    return [a - LR * b for a, b in zip(w, d)]
+
+
+def tf_picks(every=1, probability=1.0, seed=schedule.DEFAULT_SEED):
+    """The steps TensorFlow's in-graph schedule runs the perturbed pass on."""
+    return [bool(schedule.perturb_this_step(
+        keras.ops.convert_to_tensor(s, "int64"), every=every,
+        probability=probability, seed=seed)) for s in range(STEPS)]
+
+
+def trajectory(w, x, y, runs, rho, looksam=0.0):
+    rhos = rho if isinstance(rho, list) else [rho] * STEPS
+    g_v = [np.zeros_like(a) for a in w]
+    for s in range(STEPS):
+        if runs[s]:
+            _, g, _, g_adv = adversarial(w, x, y, rho=rhos[s])
+            g_v = [ga - dot(g, g_adv) / dot(g, g) * gc
+                   for gc, ga in zip(g, g_adv)]
+            w = step(w, g_adv)
+        else:
+            _, g = loss_and_grads(w, x, y)
+            norm_g, norm_v = math.sqrt(dot(g, g)), math.sqrt(dot(g_v, g_v))
+            factor = looksam * norm_g / norm_v if norm_v > 0 else 0.0
+            w = step(w, [a + factor * v for a, v in zip(g, g_v)])
+    return w
+
+
+def assert_weights(actual, expected, atol=1e-5):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(np.asarray(a), e, atol=atol, rtol=1e-5)
+
+
+# -- one subprocess per backend ---------------------------------------------
+
+def run_script(backend, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"backend_{backend}")
+    path = str(directory / "saved.keras")
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(3, activation="tanh")(inputs)
+    model = keras_asam.ASAMModel(
+        inputs, keras.layers.Dense(2)(h), rho=0.3, eta=0.02,
+        normalization="filterwise", p=float("inf"), asam_every=2)
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(1).normal(size=(8, 4)).astype("float32")
+    model.fit(x, x[:, :2], epochs=1, verbose=0)
+    model.save(path)
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=ROOT)
+    if backend == "jax":  # Two CPU devices for the DataParallel test.
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
+                            "platform_device_count=2").strip()
+    result = subprocess.run(
+        [sys.executable, SCRIPT, json.dumps({"saved_model": path})],
+        capture_output=True, text=True, env=env, timeout=900, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out["tf_model"] = {
+        "weights": [keras.ops.convert_to_numpy(v) for v in model.weights],
+        "predict": model.predict(np.asarray(out["data"]["x"], "float32"),
+                                 verbose=0),
+    }
+    return out
+
+
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    return run_script("jax", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def torch_run(tmp_path_factory):
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed (pip install -e '.[torch]')")
+    return run_script("torch", tmp_path_factory)
+
+
+BACKENDS = [
+    pytest.param("jax", marks=pytest.mark.slow),
+    pytest.param("torch", marks=[pytest.mark.slow, pytest.mark.torch]),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def run(request):
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+def data(out):
+    d = out["data"]
+    return ([np.asarray(w, np.float64) for w in d["w0"]],
+            np.asarray(d["x"], np.float64), np.asarray(d["y"], np.float64))
+
+
+# -- tests -------------------------------------------------------------------
+
+def test_import_does_not_import_tensorflow(run):
+    assert not run["tensorflow_imported"]
+    assert not run["tensorflow_imported_before_loading"]
+
+
+@pytest.mark.parametrize("name, variant", [
+    ("asam_elementwise", dict(rho=0.5)),
+    ("asam_filterwise", dict(rho=0.5, normalization="filterwise")),
+    ("sam", dict(rho=0.05, adaptive=False)),
+    ("asam_pinf", dict(rho=0.05, p=math.inf)),
+])
+def test_one_step_matches_reference(run, name, variant):
+    w, x, y = data(run)
+    loss, _, adv_loss, g_adv = adversarial(w, x, y, **variant)
+    measured = run["one_step"][name]
+    assert_weights(measured["weights"], step(w, g_adv))
+    assert measured["loss"] == pytest.approx(loss, rel=1e-5)
+    assert measured["sharpness"] == pytest.approx(adv_loss - loss,
+                                                  rel=1e-4, abs=1e-6)
+
+
+def test_gsam_one_step(run):
+    w, x, y = data(run)
+    _, g, _, g_adv = adversarial(w, x, y, rho=0.05, adaptive=False)
+    coefficient = dot(g, g_adv) / (dot(g_adv, g_adv) + 1e-12)
+    direction = [ga - 0.3 * (gc - coefficient * ga)
+                 for gc, ga in zip(g, g_adv)]
+    assert_weights(run["one_step"]["gsam"]["weights"], step(w, direction))
+
+
+def test_nonfinite_perturbed_loss_falls_back_to_clean_gradient(run):
+    w, x, y = data(run)
+    _, g = loss_and_grads(w, x, y)
+    assert_weights(run["one_step"]["nonfinite"]["weights"], step(w, g))
+
+
+@pytest.mark.parametrize("name", list(TRAJECTORIES))
+def test_trajectories_pick_the_same_steps_as_tensorflow(run, name):
+    options = dict(TRAJECTORIES[name])
+    picks = tf_picks(**{k: options.pop(k) for k in ("every", "probability",
+                                                    "seed") if k in options})
+    if name == "probability":
+        assert 0 < sum(picks) < STEPS  # Both kinds of step occur.
+    w, x, y = data(run)
+    expected = trajectory(w, x, y, picks, **options)
+    measured = run["trajectory"][name]
+    assert measured["train_steps"] == STEPS
+    assert_weights(measured["weights"], expected, atol=2e-5)
+
+
+def test_batchnorm_statistics_policy(run):
+    default, keep = run["batchnorm"]["False"], run["batchnorm"]["True"]
+    np.testing.assert_allclose(default["moving_mean"],
+                               default["clean_moving_mean"], atol=1e-6)
+    assert not np.allclose(keep["moving_mean"], keep["clean_moving_mean"])
+
+
+@pytest.mark.parametrize("mode", ["functional", "wrapped", "subclassed"])
+def test_construction_modes_fit_evaluate_predict(run, mode):
+    measured = run["modes"][mode]
+    assert measured["history_keys"] == ["loss", "mae", "sharpness"]
+    assert all(math.isfinite(s) and s > 0 for s in measured["sharpness"])
+    assert measured["evaluate_keys"] == ["loss", "mae"]
+    assert math.isfinite(measured["evaluate_loss"])
+    assert measured["predict_shape"] == [16, 2]
+    assert measured["train_steps"] == 4
+
+
+def test_keras_file_saved_on_tensorflow_loads(run):
+    loaded = run["loaded"]
+    assert loaded["class"] == "ASAMModel"
+    assert loaded["config"] == dict(rho=0.3, eta=0.02, adaptive=True,
+                                    normalization="filterwise", p="inf",
+                                    asam_every=2)
+    assert_weights(loaded["weights"], run["tf_model"]["weights"], atol=0)
+    np.testing.assert_allclose(loaded["predict"], run["tf_model"]["predict"],
+                               atol=1e-6)
+    assert loaded["trains"]
+
+
+def test_unsupported_options_raise_naming_option_and_backend(run):
+    backend = run["backend"]
+    message = run["errors"]["num_batch_splits"]
+    assert "num_batch_splits" in message and repr(backend) in message
+    assert repr(backend) in run["errors"]["sharpness"]
+
+
+@pytest.mark.slow
+def test_jax_data_parallel_equals_single_device_step(jax_run):
+    """Under DataParallel over 2 devices the step is the single-device step
+    on the global batch (the ascent uses the global gradient)."""
+    assert jax_run["devices"] == 2
+    w, x, y = data(jax_run)
+    loss, g, _, g_adv = adversarial(w, x, y, rho=0.5)
+    measured = jax_run["distributed"]["asam_elementwise"]
+    assert_weights(measured["weights"], step(w, g_adv))
+    assert measured["loss"] == pytest.approx(loss, rel=1e-5)
+    _, g, _, g_adv = adversarial(w, x, y, rho=0.05, adaptive=False)
+    coefficient = dot(g, g_adv) / (dot(g_adv, g_adv) + 1e-12)
+    direction = [ga - 0.3 * (gc - coefficient * ga)
+                 for gc, ga in zip(g, g_adv)]
+    assert_weights(jax_run["distributed"]["gsam"]["weights"],
+                   step(w, direction))
