@@ -179,7 +179,7 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         self._train_steps = self.add_weight(
             shape=(),
             initializer="zeros",
-            dtype="int64",
+            dtype=_counter_dtype(),
             trainable=False,
             name="train_steps",
         )
@@ -501,6 +501,16 @@ class SAMModel(ASAMModel):
 
     def __init__(self, *args, rho=0.05, adaptive=False, **kwargs):
         super().__init__(*args, rho=rho, adaptive=adaptive, **kwargs)
+
+
+def _counter_dtype():
+    """int64, or int32 on JAX without 64-bit mode (which has no int64)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            return "int32"
+    return "int64"
 
 
 def _model_from_arguments(args, kwargs):
