@@ -20,7 +20,8 @@ import keras
 class LearningRateTiedRho(keras.optimizers.schedules.LearningRateSchedule):
     """`rho` that follows a learning-rate schedule linearly (GSAM's rule).
 
-        rho_t = rho_min + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min)
+        rho_t = rho_min
+                + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min)
 
     so rho decays with the learning rate, from `rho_max` where `lr_t = lr_max`
     to `rho_min` where `lr_t = lr_min`. `lr_max` and `lr_min` are explicit

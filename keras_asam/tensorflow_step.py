@@ -22,11 +22,12 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_asam import directions, distribute, schedule, selection
+from keras_asam import directions, distribute, schedule
+from keras_asam.backend.common import StepHelpers
 from keras_asam.perturbation import is_bias, perturbation
 
 
-class TensorFlowTrainStep:
+class TensorFlowTrainStep(StepHelpers):
     """`train_step` of `ASAMModel` for the TensorFlow backend (a mixin)."""
 
     def train_step(self, data, run_choice=None):
@@ -126,13 +127,6 @@ class TensorFlowTrainStep:
         if not conditions:
             return True
         return tf.reduce_all(tf.stack(conditions))
-
-    def _has_step_schedule(self):
-        return not (self.asam_every == 1 and self.asam_probability == 1.0)
-
-    def _perturbed_mask(self, variables):
-        """Which of `variables` the ascent moves (`perturb=`)."""
-        return selection.selected(self.perturb, self, variables)
 
     # -- the passes -------------------------------------------------------
 
@@ -267,7 +261,8 @@ class TensorFlowTrainStep:
                 array.write(s, tf.cast(value, array.dtype))
                 for array, value in zip(outputs, tf.nest.flatten(part_pred))
             ]
-            return s + 1, gradient_sums, adversarial_sums, sharpness_sum, outputs
+            return (s + 1, gradient_sums, adversarial_sums, sharpness_sum,
+                    outputs)
 
         zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
         outputs = [
@@ -330,19 +325,6 @@ class TensorFlowTrainStep:
         return y_pred, loss, tape.gradient(scaled_loss, variables)
 
     # -- state --------------------------------------------------------------
-
-    def _own_state(self):
-        """ASAM's own variables: `rho` and the LookSAM direction."""
-        return [self._rho, self._train_steps] + list(self._looksam_direction)
-
-    def _float_state(self):
-        """Non-trainable float variables of the layers (BatchNorm moving
-        statistics), without ASAM's own state."""
-        own = {id(v) for v in self._own_state()}
-        return [
-            v for v in self.non_trainable_variables
-            if id(v) not in own and keras.backend.is_float_dtype(v.dtype)
-        ]
 
     def _state_to_restore(self):
         """Variables whose perturbed-pass changes are discarded.

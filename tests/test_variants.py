@@ -9,18 +9,11 @@ import tensorflow as tf
 import keras_asam
 from keras_asam import ASAMModel, directions
 from tests import reference
-
-LR = 0.1
-ASAM = dict(adaptive=True, normalization="elementwise", p=2, rho=0.5,
-            eta=0.01)
-SAM = dict(adaptive=False, normalization="elementwise", p=2, rho=0.05,
-           eta=0.0)
-
-
-def _data(n=16, seed=0):
-    rs = np.random.RandomState(seed)
-    return (rs.randn(n, 6).astype("float32"),
-            rs.randn(n, 2).astype("float32"))
+from tests.common import ASAM, LR, SAM
+from tests.common import assert_close as _assert_close
+from tests.common import data as _data
+from tests.common import mse as _mse
+from tests.common import weights as _weights
 
 
 def _mlp(seed=0):
@@ -31,19 +24,6 @@ def _mlp(seed=0):
                            kernel_regularizer=keras.regularizers.L2(1e-2)),
         keras.layers.Dense(2),
     ])
-
-
-def _mse(y, pred):
-    return tf.reduce_mean(tf.square(pred - y))
-
-
-def _weights(model):
-    return [v.numpy() for v in model.trainable_variables]
-
-
-def _assert_close(actual, expected, tol=1e-5):
-    for a, e in zip(actual, expected):
-        np.testing.assert_allclose(a, e, rtol=tol, atol=tol)
 
 
 def _dot(a, b):

@@ -3,8 +3,8 @@ ASAM's own state, which variables the ascent moves, and the choice of each
 step's kind on the host.
 
 `ASAMModel` (model.py) holds the hyperparameters; these mixins only read
-them. The TensorFlow step (`keras_asam.tensorflow_step`) has its own copies
-of the first helpers.
+them. The TensorFlow step (`keras_asam.tensorflow_step`) shares
+`StepHelpers`.
 """
 
 import keras
@@ -13,10 +13,10 @@ from keras_asam import selection
 from keras_asam.perturbation import is_bias, perturbation
 
 
-class CommonTrainStep:
-    """Helpers of the JAX and PyTorch steps (a mixin of `ASAMModel`)."""
-
-    # -- ASAM's own state ----------------------------------------------------
+class StepHelpers:
+    """What every backend's step reads the same way (a mixin of
+    `ASAMModel`): ASAM's own state, the layers' float state, whether a
+    schedule picks steps, and which variables the ascent moves."""
 
     def _own_state(self):
         """ASAM's own variables: `rho`, the step count, LookSAM's g_v."""
@@ -37,6 +37,10 @@ class CommonTrainStep:
     def _perturbed_mask(self, variables):
         """Which of `variables` the ascent moves (`perturb=`)."""
         return selection.selected(self.perturb, self, variables)
+
+
+class CommonTrainStep(StepHelpers):
+    """Helpers of the JAX and PyTorch steps (a mixin of `ASAMModel`)."""
 
     def _symbolic_build(self, *args, **kwargs):
         super()._symbolic_build(*args, **kwargs)
