@@ -1,5 +1,4 @@
-"""Step time of ASAM and its variants against the base optimizer and a
-two-pass floor.
+"""Step time of ASAM and its variants against base and a two-pass floor.
 
 Measures, in one process and interleaved (A B C ..., A B C ...), the time of
 one compiled training step of:
@@ -31,9 +30,9 @@ Variants that do not apply to a setting (XLA with `num_batch_splits` > 1,
 `perturb="normalization"` on a model without normalization layers) are
 skipped and reported as n/a.
 
-    python benchmarks/step_time.py               # about 25 minutes on 2 cores
-    python benchmarks/step_time.py --widths 1    # about 10 minutes
-    python benchmarks/step_time.py --quick       # about 2 minutes
+    python benchmarks/step_time.py             # about 20 minutes, 2 idle cores
+    python benchmarks/step_time.py --widths 1  # about 7 minutes
+    python benchmarks/step_time.py --quick     # about 2 minutes
     python benchmarks/step_time.py --variants base floor asam gsam
 
 Writes benchmarks/results/step_time.json and .md and prints the tables.
