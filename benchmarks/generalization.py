@@ -354,7 +354,8 @@ class Trainer:
                                  shuffle=False, callbacks=[held_out])
         keys = ["loss", "accuracy", "val_loss", "val_accuracy", "test_loss",
                 "test_accuracy", "sharpness"]
-        return {k: [float(v) for v in history.history[k]]
+        # Six decimals: float32 noise beyond that only bloats the JSON.
+        return {k: [round(float(v), 6) for v in history.history[k]]
                 for k in keys if k in history.history}
 
 
@@ -686,7 +687,10 @@ def markdown(results):
         f"{meta['git_commit'][:10]}{' (dirty)' if meta['git_dirty'] else ''}"
         f"; {meta['minutes']:.1f} minutes, of which "
         f"{meta.get('cpu_minutes_in_runs', float('nan')):.1f} CPU minutes in "
-        "training runs.")
+        "training runs"
+        + (" (1-minute load average {start:.1f} at the start, {end:.1f} at "
+           "the end)".format(**meta["load_average_1min"])
+           if "load_average_1min" in meta else "") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -824,14 +828,9 @@ def print_tables(results):
 # -- bookkeeping --------------------------------------------------------
 
 
-def metadata(args, minutes, runs):
-    def version(module):
-        try:
-            from importlib.metadata import version as v
-            return v(module)
-        except Exception:
-            return None
-
+def git_state():
+    """The commit and tree state, read when the run starts (others may
+    commit while it runs)."""
     def git(*command):
         try:
             return subprocess.run(["git", *command], cwd=ROOT, text=True,
@@ -841,18 +840,30 @@ def metadata(args, minutes, runs):
             return ""
 
     return dict(
+        git_commit=git("rev-parse", "HEAD"),
+        git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+        # Whether this script is the committed one (the rest of the tree may
+        # hold others' uncommitted edits).
+        script_committed=not git("status", "--porcelain", "--",
+                                 os.path.relpath(__file__, ROOT)))
+
+
+def metadata(args, minutes, runs, git):
+    def version(module):
+        try:
+            from importlib.metadata import version as v
+            return v(module)
+        except Exception:
+            return None
+
+    return dict(
         versions={"python": platform.python_version(),
                   "tensorflow": tf.__version__, "keras": keras.__version__,
                   "numpy": np.__version__,
                   "scikit-learn": version("scikit-learn"),
                   "mnist1d": version("mnist1d"),
                   "keras-asam": version("keras-asam")},
-        git_commit=git("rev-parse", "HEAD"),
-        git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
-        # Whether this script is the committed one (the rest of the tree may
-        # hold others' uncommitted edits).
-        script_committed=not git("status", "--porcelain", "--",
-                                 os.path.relpath(__file__, ROOT)),
+        **git,
         machine=platform.machine(), platform=platform.platform(),
         cpu_count=os.cpu_count(), command=sys.argv,
         arguments={k: v for k, v in vars(args).items()},
@@ -864,6 +875,21 @@ def metadata(args, minutes, runs):
                        schedule="cosine decay to 0, per step"),
         minutes=minutes,
         cpu_minutes_in_runs=sum(r["cpu_seconds"] for r in runs) / 60)
+
+
+def write_json(results, path):
+    """Indented, except one line per run (with its curves)."""
+    parts = []
+    for key, value in results.items():
+        if key == "runs":
+            lines = ",\n".join("  " + json.dumps(run, separators=(",", ":"))
+                               for run in value)
+            parts.append(f' "runs": [\n{lines}\n ]')
+        else:
+            parts.append(f" {json.dumps(key)}: "
+                         + json.dumps(value, indent=1).replace("\n", "\n "))
+    with open(path, "w") as f:
+        f.write("{\n" + ",\n".join(parts) + "\n}\n")
 
 
 def parse_args(argv=None):
@@ -937,21 +963,24 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
         stem = os.path.join(args.output_dir, "generalization_quick"
                             if args.quick else "generalization")
-        tic = time.time()
+        tic, git, load = time.time(), git_state(), os.getloadavg()[0]
         runs = experiment(args)
         minutes = (time.time() - tic) / 60
-        results = dict(meta=metadata(args, minutes, runs), runs=runs)
+        results = dict(meta=metadata(args, minutes, runs, git), runs=runs)
+        # How busy the machine was: the wall time depends on it.
+        results["meta"]["load_average_1min"] = dict(
+            start=load, end=os.getloadavg()[0])
         results["summary"] = summary(runs)
         results["sweep"] = (sweep_summary(runs, args.sweep_noise,
                                           args.sweep_rhos)
                             if args.sweep_noise is not None else [])
-        with open(f"{stem}.json", "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(results, f"{stem}.json")
     with open(f"{stem}.md", "w") as f:
         f.write(markdown(results))
-    paths = plot(results, stem)
+    paths = [f"{stem}.md", *plot(results, stem)]
     print_tables(results)
-    print("wrote", ", ".join([f"{stem}.json", f"{stem}.md", *paths]))
+    print("wrote", ", ".join(paths if args.render else [f"{stem}.json",
+                                                        *paths]))
 
 
 if __name__ == "__main__":
