@@ -61,13 +61,16 @@ on log grids that hold the papers' values. The main table uses the papers'
 rho, not the sweep's choice; the rho that validation accuracy would choose is
 reported next to the sweep.
 
-    python benchmarks/generalization.py          # about 25 minutes on 2 cores
-    python benchmarks/generalization.py --quick  # smoke run, about a minute
+    python benchmarks/generalization.py          # 28 minutes on 2 busy cores
+    python benchmarks/generalization.py --quick  # smoke run, 1.5-3 minutes
     python benchmarks/generalization.py --render \
         benchmarks/results/generalization.json  # redraw tables and PNGs
 
-The runs are shared between two worker processes of one CPU thread each
-(`--jobs`); results do not depend on the split. Writes generalization.json
+The full run is 320 trainings, 23 CPU minutes: 28 minutes of wall time on 2
+cores that other jobs kept busy (load average 5-8), about 15 expected on idle
+ones. `--quick` is about 110 CPU seconds. The runs are shared between this
+process and a worker, one CPU thread each (`--jobs`); results do not depend
+on the split. Writes generalization.json
 (versions, commit, arguments, every run's curves), generalization.md (tables)
 and three PNGs to benchmarks/results/ (`--quick`: generalization_quick.*, so
 the full run's files are never overwritten). `--quick` only checks that
