@@ -7,6 +7,7 @@ train step is in `tensorflow_step.py` (TensorFlow) and `backend/jax_step.py`,
 
 import math
 
+import absl.logging
 import keras
 import numpy as np
 
@@ -414,6 +415,37 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         return int(sum(
             math.prod(v.shape) for v in self.weights if id(v) not in own
         ))
+
+    @property
+    def non_trainable_weights(self):
+        weights = super().non_trainable_weights
+        if not self.__dict__.get("_summary_without_own_state"):
+            return weights
+        own = {id(v) for v in self._own_state()}
+        return [v for v in weights if id(v) not in own]
+
+    def summary(self, *args, print_fn=None, **kwargs):
+        """`keras.Model.summary`, with totals that leave out ASAM's own state
+        (`rho`, the step count, LookSAM's direction): without an optimizer,
+        those of the wrapped model. A last line names that state. It stays
+        in `weights` and `variables` (checkpoints hold it)."""
+        object.__setattr__(self, "_summary_without_own_state", True)
+        try:
+            super().summary(*args, print_fn=print_fn, **kwargs)
+        finally:
+            object.__setattr__(self, "_summary_without_own_state", False)
+        names = ["rho", "train_steps"]
+        direction = list(self._looksam_direction)
+        if direction:
+            size = sum(math.prod(v.shape) for v in direction)
+            names.append(f"looksam_direction ({size:,} values)")
+        line = f" ASAM state (not counted above): {', '.join(names)}"
+        if print_fn is not None:
+            print_fn(line)
+        elif keras.config.is_interactive_logging_enabled():
+            print(line)
+        else:
+            absl.logging.info(line)
 
     # -- model -----------------------------------------------------------
 

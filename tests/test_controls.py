@@ -393,6 +393,44 @@ def test_count_params_equals_the_wrapped_model():
     assert ASAMModel(inner).count_params() == inner.count_params()
 
 
+def _summary_totals(model):
+    lines = []
+    model.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    totals = {line.split(":")[0].strip(): line.split(":")[1].strip()
+              for line in text.splitlines() if "params:" in line}
+    return totals, text
+
+
+@pytest.mark.parametrize("looksam", [False, True], ids=["asam", "looksam"])
+def test_summary_totals_equal_the_wrapped_model(looksam):
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(5),
+        keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    variant = dict(looksam_alpha=0.5, asam_every=2) if looksam else {}
+    model = ASAMModel(inner, **variant)
+    want, _ = _summary_totals(inner)
+    got, text = _summary_totals(model)
+    assert set(want) == {"Total params", "Trainable params",
+                         "Non-trainable params"}, want
+    assert got == want, text
+    assert "rho" in text.splitlines()[-1], text
+    # ASAM's state stays in the weights, as checkpoints need it.
+    names = [v.name for v in model.weights]
+    assert "rho" in names and "train_steps" in names
+    assert len(model.non_trainable_weights) > len(inner.non_trainable_weights)
+
+
+def test_summary_totals_of_a_functional_asam_model():
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(2)(keras.layers.Dense(5)(inputs))
+    plain = keras.Model(inputs, outputs)
+    want, _ = _summary_totals(plain)
+    got, text = _summary_totals(ASAMModel(inputs, outputs))
+    assert got == want, text
+
+
 # -- rho = 0 ---------------------------------------------------------------
 
 
