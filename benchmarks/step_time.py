@@ -36,6 +36,24 @@ skipped and reported as n/a.
     python benchmarks/step_time.py --variants base floor asam gsam
 
 Writes benchmarks/results/step_time.json and .md and prints the tables.
+
+Backends: a Keras backend is fixed per process, so `--backend NAME` sets
+KERAS_BACKEND before Keras is imported and measures on that backend
+(tensorflow by default). Each backend's step is compiled its default way:
+TensorFlow as a `tf.function` with XLA off and on (`--jit both`), JAX with
+`jax.jit` (XLA; Keras' `jit_compile="auto"` on JAX), PyTorch eagerly (its
+`ASAMModel` step ignores `jit_compile`). `--backends tensorflow jax torch`
+runs one child process per backend, one after the other, and writes one table
+of absolute step times and ratios (benchmarks/results/step_time_backends.json
+and .md):
+
+    python benchmarks/step_time.py --backend jax --widths 1
+    python benchmarks/step_time.py --backends tensorflow jax torch
+
+Every step is timed to its completion: Keras' `fit` converts the logs of a
+step to Python numbers before `on_train_batch_end` on every backend, and on
+JAX (asynchronous dispatch) the timer also waits for the new state of the
+step (`jax.block_until_ready`) before it reads the clock.
 """
 
 import argparse
@@ -48,17 +66,40 @@ import time
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+BACKENDS = ["tensorflow", "jax", "torch"]
+
+
+def _requested_backend(argv):
+    """The value of `--backend` in `argv`, or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+if __name__ == "__main__" and _requested_backend(sys.argv[1:]) in BACKENDS:
+    # A Keras backend is fixed when Keras is imported.
+    os.environ["KERAS_BACKEND"] = _requested_backend(sys.argv[1:])
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf  # noqa: E402  (tf.data input on every backend)
 
 import keras_asam  # noqa: E402
+
+try:  # Options that a backend's ASAM step does not implement.
+    from keras_asam.backend import UNSUPPORTED  # noqa: E402
+except ImportError:  # A TensorFlow-only version of the library.
+    UNSUPPORTED = {}
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "asam_every2",
             "asam_every5", "asam_norm", "gsam", "looksam5", "asam_split2",
             "asam_split8", "asam_split_b"]
+# The default variants of `--backends`.
+BACKEND_VARIANTS = ["base", "floor", "sam", "asam"]
 # The columns of the two step-time tables.
 TIME_TABLES = [VARIANTS[:7], ["base", "floor", "asam", *VARIANTS[7:]]]
 SPLITS = {"asam_split2": 2, "asam_split8": 8, "asam_split_b": None}
@@ -92,7 +133,12 @@ class TwoPassFloor(keras.Model):
     Pass 2 depends on pass 1 through the gradient norm (which every SAM-type
     step computes): its input is `x * (norm >= 0)`, bitwise `x` but not a
     common subexpression of pass 1, so graph optimizers can neither prune the
-    first backward pass nor merge the two passes.
+    first backward pass nor merge the two passes. The same step on every
+    backend, in that backend's style: a `GradientTape` on TensorFlow, two
+    `jax.value_and_grad` of `compute_loss_and_updates` from values on JAX
+    (pass 2 from the state pass 1 returned; its own state and metric
+    updates dropped, as in ASAM's JAX step), two `backward()` calls with the
+    gradients zeroed between them on PyTorch.
     """
 
     def __init__(self, model, **kwargs):
@@ -102,13 +148,23 @@ class TwoPassFloor(keras.Model):
     def call(self, inputs, training=None):
         return self.wrapped_model(inputs, training=training)
 
+    def train_step(self, *args):
+        backend = keras.backend.backend()
+        if backend == "jax":
+            return self._jax_train_step(*args)
+        if backend == "torch":
+            return self._torch_train_step(*args)
+        return self._tensorflow_train_step(*args)
+
+    # -- TensorFlow ------------------------------------------------------
+
     def _gradients(self, x, y):
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self._compute_loss(x=x, y=y, y_pred=y_pred, training=True)
         return y_pred, loss, tape.gradient(loss, self.trainable_variables)
 
-    def train_step(self, data):
+    def _tensorflow_train_step(self, data):
         x, y = data
         y_pred, loss, first = self._gradients(x, y)
         self._loss_tracker.update_state(loss)
@@ -116,6 +172,59 @@ class TwoPassFloor(keras.Model):
         same_x = x * tf.cast(norm >= 0.0, x.dtype)  # x, but data-dependent.
         _, _, second = self._gradients(same_x, y)
         self.optimizer.apply_gradients(zip(second, self.trainable_variables))
+        return self.compute_metrics(x, y, y_pred)
+
+    # -- JAX (stateless, inside jax.jit) ----------------------------------
+
+    def _jax_train_step(self, state, data):
+        import jax
+        import jax.numpy as jnp
+
+        trainable, non_trainable, optimizer_variables, metrics_variables = (
+            state)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        grad_fn = jax.value_and_grad(self.compute_loss_and_updates,
+                                     has_aux=True)
+        (_, aux), first = grad_fn(
+            trainable, non_trainable, metrics_variables, x, y, sample_weight,
+            training=True, optimizer_variables=optimizer_variables)
+        loss, y_pred, new_non_trainable, new_metrics = aux
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in first))
+        same_x = x * (norm >= 0.0).astype(x.dtype)  # x, but data-dependent.
+        _, second = grad_fn(
+            trainable, new_non_trainable, metrics_variables, same_x, y,
+            sample_weight, training=True,
+            optimizer_variables=optimizer_variables)
+        trainable, optimizer_variables = self.optimizer.stateless_apply(
+            optimizer_variables, second, trainable)
+        logs, new_metrics = self._update_metrics_variables(
+            new_metrics, loss, x, y, y_pred, sample_weight)
+        return logs, (trainable, new_non_trainable, optimizer_variables,
+                      new_metrics)
+
+    # -- PyTorch (eager) --------------------------------------------------
+
+    def _torch_gradients(self, x, y):
+        y_pred = self(x, training=True)
+        self.zero_grad()
+        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        loss.backward()
+        return y_pred, loss.detach(), [v.value.grad
+                                       for v in self.trainable_variables]
+
+    def _torch_train_step(self, data):
+        import torch
+
+        x, y = data
+        y_pred, loss, first = self._torch_gradients(x, y)
+        self._loss_tracker.update_state(loss, sample_weight=x.shape[0])
+        with torch.no_grad():
+            norm = torch.sqrt(sum(torch.sum(torch.square(g)) for g in first))
+            same_x = x * (norm >= 0.0).to(x.dtype)  # x, but data-dependent.
+        _, _, second = self._torch_gradients(same_x, y)
+        with torch.no_grad():
+            self.optimizer.apply(second, self.trainable_variables)
+        self.zero_grad()
         return self.compute_metrics(x, y, y_pred)
 
 
@@ -147,9 +256,20 @@ def has_normalization(model):
                for layer in model._flatten_layers(include_self=False))
 
 
+# The options of each variant that a backend may not implement.
+VARIANT_OPTIONS = {"asam_split2": {"num_batch_splits": 2},
+                   "asam_split8": {"num_batch_splits": 8},
+                   "asam_split_b": {"num_batch_splits": "batch size"}}
+
+
 def skip_reason(variant, architecture, width, jit):
     """Why `variant` does not apply to this setting, or None."""
-    if variant in SPLITS and jit:
+    backend = keras.backend.backend()
+    unsupported = UNSUPPORTED.get(backend, {})
+    for option, value in VARIANT_OPTIONS.get(variant, {}).items():
+        if option in unsupported and value != unsupported[option]:
+            return f"{option} is not implemented on the {backend} backend"
+    if variant in SPLITS and jit and backend == "tensorflow":
         return "num_batch_splits > 1 does not compile with XLA"
     if variant == "asam_norm" and not has_normalization(
             {"cnn": cnn, "mlp": mlp}[architecture](width)):
@@ -202,6 +322,13 @@ class StepTimer(keras.callbacks.Callback):
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        # Keras has made `logs` Python numbers (a wait for the step on every
+        # backend); JAX dispatches asynchronously: wait for the new state.
+        state = getattr(self.model, "_jax_state", None)
+        if state is not None:
+            import jax
+
+            jax.block_until_ready(state)
         self.times.append(time.perf_counter() - self.start)
         self.cpu_times.append(time.process_time() - self.cpu_start)
 
@@ -223,9 +350,15 @@ def measure(setting, args):
     data = dataset(args.batch_size)
     skipped = {v: skip_reason(v, *setting) for v in args.variants}
     skipped = {v: reason for v, reason in skipped.items() if reason}
-    variants = [v for v in args.variants if v not in skipped]
-    models = {v: build(v, *setting, batch_size=args.batch_size)
-              for v in variants}
+    models = {}
+    for v in args.variants:
+        if v in skipped:
+            continue
+        try:
+            models[v] = build(v, *setting, batch_size=args.batch_size)
+        except NotImplementedError as error:  # An option of this backend.
+            skipped[v] = str(error).split(";")[0]
+    variants = list(models)
     for v, model in models.items():  # Trace and warm up.
         model.fit(data, steps_per_epoch=steps_of(v, args), epochs=1,
                   verbose=0, shuffle=False)
@@ -319,7 +452,13 @@ def render_markdown(report):
         lines += ["n/a: " + "; ".join(notes) + ".", ""]
     versions = report["versions"]
     arguments = report["arguments"]
-    footer = (f"TensorFlow {versions['tensorflow']}, Keras "
+    backend = versions.get("backend", "tensorflow")
+    engine = (f"TensorFlow {versions['tensorflow']}" if backend == "tensorflow"
+              else f"{BACKEND_NAMES[backend]} {versions[backend]} (Keras "
+              f"backend {backend}; " + "; ".join(
+                  f"XLA {'on' if jit else 'off'}: {compile_mode(backend, jit)}"
+                  for jit in sorted({r["jit"] for r in results})) + ")")
+    footer = (f"{engine}, Keras "
               f"{versions['keras']}, {report['machine']['cpu_count']} CPU "
               f"cores, commit {str(report['commit'])[:10]}"
               + (" with uncommitted library changes"
@@ -337,6 +476,142 @@ def render_markdown(report):
                    f"{max(max(pair) for pair in loads):.1f} during the run")
     lines.append(footer + ".")
     return "\n".join(lines) + "\n"
+
+
+BACKEND_NAMES = {"tensorflow": "TensorFlow", "jax": "JAX",
+                 "torch": "PyTorch"}
+
+
+def compile_mode(backend, jit):
+    """How a backend's train function is compiled for `jit_compile=jit`."""
+    if backend == "tensorflow":
+        return "tf.function with XLA" if jit else "tf.function (graph)"
+    if backend == "jax":
+        return "jax.jit (XLA)" if jit else "eager (no jax.jit)"
+    return "torch.compile" if jit else "eager"
+
+
+def backend_versions(backend):
+    """The version of the backend's library (JAX, PyTorch)."""
+    if backend == "jax":
+        import jax
+
+        return {"jax": jax.__version__}
+    if backend == "torch":
+        import torch
+
+        return {"torch": torch.__version__}
+    return {}
+
+
+def render_backends(combined):
+    """Markdown tables comparing the backends (`--backends`)."""
+    rows = []  # (architecture, width, backend, jit, result)
+    for backend, report in combined["backends"].items():
+        for r in report.get("results", []):
+            rows.append((r["architecture"], r["width"], backend, r["jit"], r))
+    rows.sort(key=lambda row: (row[0], row[1], BACKENDS.index(row[2]),
+                               row[3]))
+    variants = [v for v in VARIANTS if any(
+        row[4]["median_step_seconds"].get(v) is not None for row in rows)]
+    names = [("floor/base", "floor", "base"), ("sam/floor", "sam", "floor"),
+             ("asam/floor", "asam", "floor")]
+    lines = ["Step time in ms (wall; process CPU time of all threads in "
+             "parentheses), median over rounds of the mean step time in a "
+             "round:", "",
+             "| model | width | backend | compiled as | "
+             + " | ".join(variants) + " |",
+             "|---|---|---|---|" + "---|" * len(variants)]
+    for architecture, width, backend, jit, r in rows:
+        wall, cpu = r["median_step_seconds"], r["median_step_cpu_seconds"]
+        cells = ["n/a" if wall.get(v) is None else
+                 f"{1000 * wall[v]:.1f} ({1000 * cpu[v]:.1f})"
+                 for v in variants]
+        lines.append(f"| {architecture} | {width} | {backend} | "
+                     f"{compile_mode(backend, jit)} | " + " | ".join(cells)
+                     + " |")
+    lines += ["", "Ratios, wall / process CPU time (targets: sam/floor and "
+              "asam/floor <= 1.03):", "",
+              "| model | width | backend | compiled as | "
+              + " | ".join(n for n, _, _ in names) + " |",
+              "|---|---|---|---|" + "---|" * len(names)]
+    for architecture, width, backend, jit, r in rows:
+        cells = [f"{_ratio(r['ratios'].get(n))} / "
+                 f"{_ratio(r['cpu_ratios'].get(n))}" for n, _, _ in names]
+        lines.append(f"| {architecture} | {width} | {backend} | "
+                     f"{compile_mode(backend, jit)} | " + " | ".join(cells)
+                     + " |")
+    lines.append("")
+    notes = sorted({f"{v} on {row[2]}: {reason}" for row in rows
+                    for v, reason in row[4].get("skipped", {}).items()})
+    if notes:
+        lines += ["n/a: " + "; ".join(notes) + ".", ""]
+    for backend, report in combined["backends"].items():
+        if "results" not in report:
+            lines.append(f"- {backend}: failed ({report.get('error')}).")
+            continue
+        versions, arguments = report["versions"], report["arguments"]
+        loads = [x for r in report["results"] for x in r["load_average"]]
+        lines.append(
+            f"- {backend}: {BACKEND_NAMES[backend]} {versions[backend]}, "
+            f"Keras {versions['keras']}, {arguments['rounds']} rounds of "
+            f"{arguments['steps']} steps, batch {arguments['batch_size']}, "
+            f"{report['wall_seconds'] / 60:.1f} minutes, 1-minute load "
+            f"average {min(loads):.1f}-{max(loads):.1f}.")
+    any_report = next(iter(combined["backends"].values()))
+    lines.append(
+        f"\n{combined['machine']['cpu_count']} CPU cores, commit "
+        f"{str(combined['commit'])[:10]}"
+        + (" with uncommitted library changes"
+           if combined.get("uncommitted_library_files") else "")
+        + f", {combined['wall_seconds'] / 60:.1f} minutes in all; one "
+        "process per backend, run one after the other"
+        + (f" (Python {any_report['versions']['python']})"
+           if "versions" in any_report else "") + ".")
+    return "\n".join(lines) + "\n"
+
+
+def run_backends(args):
+    """`--backends`: one child process per backend, then one table."""
+    output = args.output or os.path.join(HERE, "results",
+                                         "step_time_backends.json")
+    passed = ["--rounds", str(args.rounds), "--steps", str(args.steps),
+              "--split-b-steps", str(args.split_b_steps),
+              "--batch-size", str(args.batch_size), "--jit", args.jit,
+              "--architectures", *args.architectures,
+              "--widths", *map(str, args.widths),
+              "--variants", *args.variants] + (["--quick"] * args.quick)
+    source = {"commit": commit(),
+              "uncommitted_library_files": uncommitted_library_files()}
+    start = time.perf_counter()
+    combined = {"machine": {"platform": platform.platform(),
+                            "processor": platform.processor(),
+                            "cpu_count": os.cpu_count()},
+                **source, "arguments": vars(args), "backends": {}}
+    stem = os.path.splitext(output)[0]
+    for backend in args.backends:
+        child_output = f"{stem}.{backend}.json"
+        command = [sys.executable, os.path.abspath(__file__), "--backend",
+                   backend, "--output", child_output, *passed]
+        print("$", " ".join(command[1:]), flush=True)
+        done = subprocess.run(command, env=dict(os.environ,
+                                                KERAS_BACKEND=backend))
+        if done.returncode == 0:
+            with open(child_output) as f:
+                combined["backends"][backend] = json.load(f)
+        else:
+            combined["backends"][backend] = {
+                "error": f"exit status {done.returncode}"}
+    combined["wall_seconds"] = time.perf_counter() - start
+    text = render_backends(combined)
+    print()
+    print(text)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(combined, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(f"Wrote {output} and {stem}.md")
 
 
 def commit():
@@ -368,27 +643,66 @@ def main(argv=None):
                              "batch-size sequential parts per step)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--architectures", nargs="+", default=["cnn", "mlp"])
-    parser.add_argument("--widths", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--jit", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help="default: 1 2 (with --backends: 1)")
+    parser.add_argument("--jit", choices=["off", "on", "both", "auto"],
+                        default="auto",
+                        help="jit_compile off, on or both; auto (default): "
+                             "both on TensorFlow, on for JAX (jax.jit), "
+                             "off for PyTorch (eager)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
-                        default=VARIANTS, metavar="VARIANT",
+                        default=None, metavar="VARIANT",
                         help="measure only these (default: all of "
-                             + ", ".join(VARIANTS) + ")")
+                             + ", ".join(VARIANTS) + "; with --backends: "
+                             + " ".join(BACKEND_VARIANTS) + ")")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="the Keras backend to measure on (sets "
+                             "KERAS_BACKEND; default: the current one)")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS,
+                        default=None, metavar="BACKEND",
+                        help="measure on each of these backends (one process "
+                             "each) and write one table comparing them "
+                             "(default widths: 1)")
     parser.add_argument("--quick", action="store_true",
-                        help="3 rounds, CNN and MLP at width 1, no XLA")
-    parser.add_argument("--output",
-                        default=os.path.join(HERE, "results", "step_time.json"))
+                        help="3 rounds, CNN and MLP at width 1, no XLA on "
+                             "TensorFlow")
+    parser.add_argument("--output", default=None,
+                        help="results JSON (default: results/step_time.json"
+                             ", with --backends results/"
+                             "step_time_backends.json)")
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="only print the Markdown tables of a results "
                              "JSON")
     args = parser.parse_args(argv)
     if args.render:
         with open(args.render) as f:
-            print(render_markdown(json.load(f)), end="")
+            report = json.load(f)
+        print(render_backends(report) if "backends" in report
+              else render_markdown(report), end="")
         return
-    if args.quick:
-        args.rounds, args.widths, args.jit = 3, [1], "off"
+    if args.quick:  # No XLA on TensorFlow (the auto mode below).
+        args.rounds, args.widths = 3, [1]
+    if args.widths is None:
+        args.widths = [1] if args.backends else [1, 2]
+    if args.variants is None:
+        args.variants = BACKEND_VARIANTS if args.backends else VARIANTS
     args.variants = [v for v in VARIANTS if v in args.variants]
+    if args.backends:
+        return run_backends(args)
+    backend = keras.backend.backend()
+    if args.backend is not None and args.backend != backend:
+        parser.error(f"--backend {args.backend}: Keras was imported with the "
+                     f"{backend} backend (run this file as a script, or set "
+                     "KERAS_BACKEND)")
+    args.backend = backend
+    if args.jit == "auto":
+        args.jit = {"tensorflow": "off" if args.quick else "both",
+                    "jax": "on"}.get(backend, "off")
+    if backend == "torch" and args.jit != "off":
+        parser.error("--jit on: the PyTorch step of ASAMModel runs eagerly "
+                     "(it ignores jit_compile); use --jit off on torch")
+    args.output = args.output or os.path.join(HERE, "results",
+                                              "step_time.json")
     jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
     # Parts of one example with BatchNorm: the library says what happens
     # (once per trace); timing is all that is measured here.
@@ -430,7 +744,9 @@ def main(argv=None):
                     "processor": platform.processor(),
                     "cpu_count": os.cpu_count()},
         "versions": {"python": sys.version.split()[0],
+                     "backend": backend,
                      "tensorflow": tf.__version__,
+                     **backend_versions(backend),
                      "keras": keras.version(),
                      "keras_asam": keras_asam.__version__},
         **source,
