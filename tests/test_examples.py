@@ -2,12 +2,14 @@
 
 import glob
 import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,22 +44,44 @@ def test_quickstart_quick_run(tmp_path):
     rows = {line.split()[0]: line for line in out.splitlines()
             if line.split()[:1] in (["sgd"], ["sam"], ["asam"])}
     assert set(rows) == {"sgd", "sam", "asam"}, out
+    assert "40% of the training labels wrong" in out
     # One seed: means only, no spread, and a warning instead.
     assert not any("+/-" in row for row in rows.values()), out
     assert "one seed: no spread" in out
-    # --quick writes its own files and leaves the full run's alone.
+    # --quick writes its own files and leaves the main run's alone.
     assert (tmp_path / "quickstart_quick.png").stat().st_size > 0
     assert (tmp_path / "quickstart_quick.json").stat().st_size > 0
     assert not (tmp_path / "quickstart.png").exists()
     assert str(tmp_path) in out
 
 
+@pytest.mark.slow
+def test_quickstart_other_noise_level_writes_its_own_files(tmp_path):
+    out = _run("quickstart.py", "--label-noise", "0", "--epochs", "1",
+               "--seeds", "0", "--verbose", "0",
+               "--output-dir", str(tmp_path))
+    assert "0% of the training labels wrong" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "quickstart_noise0.json", "quickstart_noise0.png"]
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_jax(tmp_path):
+    pytest.importorskip("jax")
+    out = _run("quickstart.py", "--quick", "--epochs", "1", "--verbose", "0",
+               "--output-dir", str(tmp_path), env={"KERAS_BACKEND": "jax"})
+    assert "one seed: no spread" in out
+    with open(tmp_path / "quickstart_quick.json") as f:
+        assert "jax" in json.load(f)["versions"]
+
+
 def test_quickstart_table_spread():
     quickstart = _import_example("quickstart")
 
     def runs(accuracies):
-        return [{"test_accuracy": a, "loss_gap": 0.05,
-                 quickstart.METER_KEY: 0.001, "seconds_per_epoch": 0.2}
+        return [{"test_accuracy": a, "test_at_best_val": a,
+                 "wrong_labels_fit": 0.1, quickstart.METER_KEY: 0.001,
+                 "seconds_per_epoch": 0.2}
                 for a in accuracies]
 
     table = quickstart.summarize({"sgd": runs([0.97, 0.98, 0.99]),
@@ -66,8 +90,12 @@ def test_quickstart_table_spread():
     # Mean and sample standard deviation (ddof=1) over the seeds, in %.
     assert re.match(r"sgd\s+98\.00 \+/- 1\.00\s", sgd), table
     assert "mean +/- sample std over 3 seeds" in table
+    # Differences to SGD, paired by seed.
+    assert ("asam - sgd, test acc (final), per seed: +1.0 +0.0 -1.0  "
+            "(mean +0.0)") in table, table
     single = quickstart.summarize({"sgd": runs([0.97])})
     assert "+/-" not in single and "97.00" in single, single
+    assert "per seed" not in single
 
 
 def test_quickstart_meter_is_the_same_for_every_method():
@@ -79,18 +107,42 @@ def test_quickstart_meter_is_the_same_for_every_method():
     values = {}
     for method in ("sgd", "sam", "asam"):
         model = quickstart.build_model(method)
-        model.compile(loss="sparse_categorical_crossentropy")
         values[method] = quickstart.meter(model, x, y)
         # ASAM's adaptive sharpness at rho 0.5, also for the SAMModel (whose
         # own defaults, a fixed ball of rho 0.05, would measure another thing).
         adaptive = keras_asam.sharpness(
             model, x, y, rho=0.5, adaptive=True, eta=0.01, batch_size=256,
-            loss="sparse_categorical_crossentropy")
+            loss=quickstart.LOSS)
         assert values[method] == pytest.approx(adaptive, rel=1e-6), method
     sam = quickstart.build_model("sam")
     own = keras_asam.sharpness(sam, x, y, batch_size=256,
-                               loss="sparse_categorical_crossentropy")
+                               loss=quickstart.LOSS)
     assert own != pytest.approx(quickstart.meter(sam, x, y), rel=1e-3)
+
+
+def test_quickstart_label_noise_is_the_benchmarks():
+    # The quickstart's setting is a cell of the generalization benchmark:
+    # the same noisy labels and validation split for every seed.
+    quickstart = _import_example("quickstart")
+    spec = importlib.util.spec_from_file_location(
+        "generalization", os.path.join(ROOT, "benchmarks",
+                                       "generalization.py"))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    x_pool, _, y_pool, y_test = quickstart.load_data()
+    pool, want_y_pool, _, want_y_test = benchmark.load_pool_and_test(
+        "digits")
+    np.testing.assert_array_equal(x_pool.reshape(len(x_pool), -1), pool)
+    np.testing.assert_array_equal(y_pool, want_y_pool)
+    np.testing.assert_array_equal(y_test, want_y_test)
+    for noise in (0.0, 0.4):
+        for seed in (0, 3):
+            got = quickstart.noisy_split(y_pool, noise, seed)
+            want = benchmark.noisy_split(y_pool, noise, seed)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+    _, _, labels = quickstart.noisy_split(y_pool, 0.4, 0)
+    assert np.mean(labels != y_pool) == pytest.approx(0.4, abs=1e-3)
 
 
 @pytest.mark.slow
