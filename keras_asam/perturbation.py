@@ -143,54 +143,58 @@ def perturbation(
     """
     if scaled is None:
         scaled = [True] * len(gradients)
+    if p not in (2, math.inf):
+        raise ValueError(f"`p` must be 2 or inf. Received: p={p}")
     present = [i for i, g in enumerate(gradients) if g is not None]
     eps = [None] * len(gradients)
     if not present:
         return eps
-    grads = {i: ops.cast(gradients[i], "float32") for i in present}
-    scales = {
-        i: (
-            normalizer(weights[i], eta=eta, normalization=normalization)
-            if adaptive and scaled[i]
-            else None
-        )
-        for i in present
-    }
     rho = ops.cast(rho, "float32")
-    if p == 2:
-        directions = {
-            i: grads[i] if scales[i] is None else scales[i] * grads[i]
-            for i in present
-        }
-    elif p == math.inf:
-        directions = grads
-    else:
-        raise ValueError(f"`p` must be 2 or inf. Received: p={p}")
-    # ||T_w g||_2 (||g||_2 for p = inf): not finite iff some entry is not
-    # (or the squared norm overflows float32), and then eps = 0.
-    norm = ops.sqrt(_add_n([_squared_norm(directions[i]) for i in present]))
 
-    def ascent():
+    def scale(i):
+        if adaptive and scaled[i]:
+            return normalizer(weights[i], eta=eta, normalization=normalization)
+        return None
+
+    # Each variable's direction u, so that eps = factor * u:
+    #   p = 2:    u = T_w^2 g,      ||T_w g||^2 = sum over variables of g . u
+    #   p = inf:  u = T_w sign(g),  factor = rho
+    # Only g and u are alive at once (no T_w g or T_w kept beside them).
+    directions, squared_norms = {}, []
+    for i in present:
+        g = ops.cast(gradients[i], "float32")
+        t = scale(i)
+        if p == 2 and t is not None:
+            directions[i] = g * ops.square(t)
+            squared_norms.append(ops.vdot(g, directions[i]))
+            continue
         if p == 2:
-            factor = rho / (norm + NORM_EPSILON)
-            return [
-                directions[i] * (factor if scales[i] is None
-                                 else factor * scales[i])
-                for i in present
-            ]
-        return [
-            ops.sign(grads[i]) * (rho if scales[i] is None
-                                 else rho * scales[i])
-            for i in present
-        ]
-
-    def no_ascent():
-        return [ops.zeros_like(grads[i]) for i in present]
-
-    values = ops.cond(ops.isfinite(norm), ascent, no_ascent)
-    for i, value in zip(present, values):
-        eps[i] = value
+            directions[i] = g
+        else:
+            directions[i] = ops.sign(g) if t is None else ops.sign(g) * t
+        squared_norms.append(_squared_norm(g))
+    # ||T_w g||_2 (||g||_2 for p = inf): not finite iff some entry of g is
+    # not (or the squared norm overflows float32), and then eps = 0.
+    norm = ops.sqrt(_add_n(squared_norms))
+    finite = ops.isfinite(norm)
+    if p == 2:
+        factor = ops.where(finite, rho / (norm + NORM_EPSILON), 0.0)
+    else:
+        factor = ops.where(finite, rho, 0.0)
+    for i in present:
+        eps[i] = _multiply_no_nan(directions[i], factor)
     return eps
+
+
+def _multiply_no_nan(x, factor):
+    """``x * factor``, and exactly 0 where ``factor == 0`` even if `x` holds
+    inf or NaN (one elementwise op on TensorFlow, with no conditional whose
+    branches hold weight-sized buffers)."""
+    if _is_tensorflow():
+        import tensorflow as tf
+
+        return tf.math.multiply_no_nan(x, factor)
+    return ops.where(factor == 0, ops.zeros((), x.dtype), x * factor)
 
 
 def project(eps, weights, *, rho, scaled=None, adaptive=True, eta=0.01,
