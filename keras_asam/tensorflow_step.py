@@ -472,8 +472,11 @@ class TensorFlowTrainStep(StepHelpers):
             gradient_norm, [v.value for v in self._looksam_direction],
             self.looksam_alpha,
         )
+        if replicas > 1:
+            correction = [None if c is None else c / replicas
+                          for c in correction]
         reused = [
-            None if g is None else tf.cast(g, tf.float32) + c / replicas
+            None if g is None else tf.cast(g, tf.float32) + c
             for g, c in zip(gradients, correction)
         ]
         if run is False:
