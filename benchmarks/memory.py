@@ -1,0 +1,550 @@
+"""Peak memory of one ASAM training step against the base step and a
+two-pass floor.
+
+A SAM-type step needs, beyond a plain step, one saved copy of the weights
+(to restore w after the perturbed pass); GSAM keeps g as well, LookSAM one
+direction the size of the weights. This script measures what each variant
+actually holds, on an MLP large enough (about 30M parameters by default) for
+its weights to dwarf its activations (batch 32 on 256 inputs), with SGD
+without momentum (the optimizer holds no slots):
+
+  base         the base optimizer alone (a plain keras.Model)
+  floor        the two-pass floor: two gradients at w per step, the second
+               applied; pass 2 depends on pass 1 through the gradient norm
+               (so graph optimizers can neither prune nor merge the passes)
+  sam          SAMModel
+  asam         ASAMModel, element-wise
+  asam_filter  ASAMModel(normalization="filterwise")
+  gsam         ASAMModel(gsam_alpha=0.3): keeps g for the descent direction
+  looksam      ASAMModel(looksam_alpha=0.5, asam_every=5): keeps g_v, a
+               variable the size of the weights
+
+each without and with `jit_compile=True`. Every measurement is one fresh
+process (this script runs itself with `--child`), in one of two modes:
+
+  tf   TF_CPU_ALLOCATOR_USE_BFC=true, so that TensorFlow counts the bytes its
+       CPU allocator hands out: `tf.config.experimental.get_memory_info`
+       gives the exact bytes of live tensors and their peak (variables,
+       gradients, temporaries, constants held by the compiled step; not
+       Python objects, graphs or compiled code). The primary measure.
+  rss  TensorFlow's default allocator, glibc's mmap threshold fixed at
+       128 KiB (MALLOC_MMAP_THRESHOLD_) so freed tensors go back to the
+       system at once: the resident set of the process as the system sees
+       it (VmRSS, and VmHWM reset through /proc/self/clear_refs), which
+       also counts traced graphs, compiled code and allocator slack.
+
+In a child, after building the model, `optimizer.build` and the data:
+`fit` runs `--warmup-steps` steps (tracing, compiling; one-time costs), then
+the peak counters are reset and `fit` runs `--steps` more. Reported, in
+units of the model's parameter bytes P = 4 x parameters:
+
+  state       memory held after building, before any step (weights; LookSAM
+              also g_v)
+  step        peak during the measured steps over the memory held after
+              building: what a step adds at its peak, including anything
+              the compiled step keeps allocated between steps
+  kept        what stays allocated between steps (part of `step`)
+  footprint   state + step
+  over base   footprint - footprint of base
+  over floor  footprint - footprint of floor
+
+The allowed extra over the floor is the saved copy of the weights plus 10%
+(SAM, ASAM); GSAM also keeps g through pass 2 (2.1 P); LookSAM keeps g
+through pass 2 on its perturbed steps, since g_v = g_adv - (g . g_adv /
+||g||^2) g needs g and g_adv at once, and g_v as its state (3.1 P).
+
+Each number is the minimum over `--repeats` processes (scheduling of the
+executor's threads moves the peak of a step without XLA by up to ~0.3 P).
+For comparison `first` is the brief's recipe on `ru_maxrss` (its growth
+over the warm-up steps, tracing included), recorded in the rss mode.
+
+    python benchmarks/memory.py            # about 50 minutes on 2 busy cores
+    python benchmarks/memory.py --quick    # about a minute: small model, tf
+                                           # mode, no XLA, one repeat
+    python benchmarks/memory.py --render benchmarks/results/memory.json
+
+Writes benchmarks/results/memory.json and .md (--quick: memory.quick.json
+and .md) and prints the tables.
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "gsam", "looksam"]
+MODES = ["tf", "rss"]
+GSAM_ALPHA = 0.3
+LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.5, 5
+DEFAULT_LAYERS = [256, 2048, 4096, 4096, 1024]
+QUICK_LAYERS = [64, 512, 1024, 1024, 256]
+# What each variant may hold over the floor, in P (10% slack): the saved
+# weights; GSAM also g through pass 2; LookSAM g through pass 2 (on its
+# perturbed steps g_v = g_adv - (g . g_adv / ||g||^2) g needs both g and
+# g_adv) and g_v, its state.
+ALLOWED_OVER_FLOOR = {"sam": 1.1, "asam": 1.1, "asam_filter": 1.1,
+                      "gsam": 2.1, "looksam": 3.1}
+QUANTITIES = ["state", "step", "kept", "first"]
+
+
+# -- the child: one configuration, one process --------------------------------
+
+def _status():
+    """VmRSS and VmHWM (bytes) of this process, and ru_maxrss (bytes)."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    values["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return values
+
+
+def _trim():
+    """Hands freed heap memory back to the system (glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak_rss():
+    """Resets VmHWM to the current VmRSS (Linux >= 4.0); False if denied."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child(config):
+    """Builds one variant, runs its steps and returns the raw measurements
+    (bytes)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_asam
+
+    if config.get("setup"):
+        # An experiment: a Python file run here, e.g. to monkeypatch the step.
+        with open(config["setup"]) as f:
+            exec(compile(f.read(), config["setup"], "exec"), {})
+
+    tf_counters = config["mode"] == "tf"
+
+    def tf_memory():
+        if not tf_counters:
+            return {"current": 0, "peak": 0}
+        return tf.config.experimental.get_memory_info("CPU:0")
+
+    class TwoPassFloor(keras.Model):
+        """Two gradients at w per step, the second applied (as in
+        step_time.py): pass 2 takes `x * (||g|| >= 0)`, bitwise x but
+        dependent on pass 1, so neither pass can be pruned or merged."""
+
+        def __init__(self, model, **kwargs):
+            super().__init__(**kwargs)
+            self.wrapped_model = model
+
+        def call(self, inputs, training=None):
+            return self.wrapped_model(inputs, training=training)
+
+        def _gradients(self, x, y):
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self._compute_loss(x=x, y=y, y_pred=y_pred,
+                                          training=True)
+            return y_pred, loss, tape.gradient(loss,
+                                               self.trainable_variables)
+
+        def train_step(self, data):
+            x, y = data
+            y_pred, loss, first = self._gradients(x, y)
+            self._loss_tracker.update_state(loss)
+            norm = tf.linalg.global_norm(first)
+            same_x = x * tf.cast(norm >= 0.0, x.dtype)
+            _, _, second = self._gradients(same_x, y)
+            self.optimizer.apply_gradients(
+                zip(second, self.trainable_variables))
+            return self.compute_metrics(x, y, y_pred)
+
+    layers = config["layers"]
+    keras.utils.set_random_seed(0)
+    rs = np.random.RandomState(0)
+    x = rs.rand(config["batch_size"], layers[0]).astype("float32")
+    y = rs.randint(0, 10, config["batch_size"])
+    data = tf.data.Dataset.from_tensors((x, y)).cache().repeat()
+
+    _trim()
+    before, tf_before = _status(), tf_memory()
+    inputs = keras.Input((layers[0],))
+    h = inputs
+    for units in layers[1:]:
+        h = keras.layers.Dense(units, activation="relu")(h)
+    inner = keras.Model(inputs, keras.layers.Dense(10)(h))
+    model = {
+        "base": lambda: inner,
+        "floor": lambda: TwoPassFloor(inner),
+        "sam": lambda: keras_asam.SAMModel(inner),
+        "asam": lambda: keras_asam.ASAMModel(inner),
+        "asam_filter": lambda: keras_asam.ASAMModel(
+            inner, normalization="filterwise"),
+        "gsam": lambda: keras_asam.ASAMModel(inner, gsam_alpha=GSAM_ALPHA),
+        "looksam": lambda: keras_asam.ASAMModel(
+            inner, looksam_alpha=LOOKSAM_ALPHA, asam_every=LOOKSAM_EVERY),
+    }[config["variant"]]()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),  # no momentum: no slots
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=config["jit"],
+    )
+    model.optimizer.build(model.trainable_variables)
+    slots = len(model.optimizer.variables) - 1  # all but `iterations`
+
+    _trim()
+    built, tf_built = _status(), tf_memory()
+    start = time.perf_counter()
+    model.fit(data, steps_per_epoch=config["warmup_steps"], epochs=1,
+              verbose=0, shuffle=False)
+    warmup_seconds = time.perf_counter() - start
+    warm, tf_warm = _status(), tf_memory()
+
+    _trim()
+    if tf_counters:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+    reset = _reset_peak_rss()
+    start = time.perf_counter()
+    model.fit(data, steps_per_epoch=config["steps"], epochs=1, verbose=0,
+              shuffle=False)
+    step_seconds = (time.perf_counter() - start) / config["steps"]
+    measured, tf_measured = _status(), tf_memory()
+    _trim()
+    after = _status()
+
+    return {
+        "params": inner.count_params(),
+        "optimizer_slots": slots,
+        "train_steps": int(model.optimizer.iterations.numpy()),
+        "hwm_reset": reset,
+        "warmup_seconds": warmup_seconds,
+        "step_seconds": step_seconds,
+        "rss": {"before": before["VmRSS"], "built": built["VmRSS"],
+                "peak": measured["VmHWM"], "after": after["VmRSS"]},
+        "maxrss": {"built": built["maxrss"], "warm": warm["maxrss"],
+                   "measured": measured["maxrss"]},
+        "tf": {"before": tf_before["current"], "built": tf_built["current"],
+               "warmup_peak": tf_warm["peak"], "peak": tf_measured["peak"],
+               "after": tf_measured["current"]},
+    }
+
+
+def quantities(raw, mode):
+    """state, step, kept, first (bytes) from one child's raw numbers."""
+    if mode == "tf":
+        t = raw["tf"]
+        return {"state": t["built"] - t["before"],
+                "step": t["peak"] - t["built"],
+                "kept": t["after"] - t["built"],
+                "first": t["warmup_peak"] - t["built"]}
+    r, m = raw["rss"], raw["maxrss"]
+    return {"state": r["built"] - r["before"],
+            "step": r["peak"] - r["built"] if raw["hwm_reset"] else None,
+            "kept": r["after"] - r["built"],
+            "first": m["warm"] - m["built"]}
+
+
+# -- the parent: one child per variant x XLA x mode x repeat ------------------
+
+def run_child(config):
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    if config["mode"] == "tf":
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    else:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child",
+         json.dumps(config)],
+        env=env, cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines()
+             if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"child {config} failed ({result.returncode}):\n"
+            + result.stderr[-3000:])
+    return json.loads(lines[-1])
+
+
+def summarize(runs, variants):
+    """Minimum over repeats of each quantity, in units of P, per XLA setting
+    and mode, plus the footprints' differences to base and floor."""
+    summary = {}
+    for jit in sorted({r["jit"] for r in runs}):
+        for mode in [m for m in MODES if any(r["mode"] == m for r in runs)]:
+            rows = {}
+            for variant in variants:
+                mine = [r for r in runs if r["jit"] == jit
+                        and r["mode"] == mode and r["variant"] == variant]
+                if not mine:
+                    continue
+                unit = 4.0 * mine[0]["raw"]["params"]
+                row = {"repeats": len(mine)}
+                for q in QUANTITIES:
+                    values = [r["quantities"][q] for r in mine
+                              if r["quantities"][q] is not None]
+                    row[q] = min(values) / unit if values else None
+                    row[q + "_max"] = max(values) / unit if values else None
+                row["footprint"] = (None if row["step"] is None
+                                    else row["state"] + row["step"])
+                row["step_seconds"] = min(r["raw"]["step_seconds"]
+                                          for r in mine)
+                rows[variant] = row
+            for row in rows.values():
+                for ref in ("base", "floor"):
+                    other = rows.get(ref, {}).get("footprint")
+                    row["over_" + ref] = (
+                        None if other is None or row["footprint"] is None
+                        else row["footprint"] - other)
+            key = f"{'xla' if jit else 'no_xla'}/{mode}"
+            summary[key] = rows
+    return summary
+
+
+def _p(value):
+    if value is None:
+        return "n/a"
+    return f"{0.0 if abs(value) < 0.005 else value:.2f}"
+
+
+def render_markdown(report):
+    """Markdown tables of a results report (as written to the JSON)."""
+    arguments = report["arguments"]
+    params = report.get("params")
+    lines = [
+        "state: memory held after building (weights; LookSAM also g_v). "
+        "step: peak during the measured steps over that, including what "
+        "the compiled step keeps allocated between steps (kept). "
+        "footprint = state + step; over base, over floor: footprint minus "
+        "theirs. allowed over floor: the saved weights (GSAM also g, "
+        "LookSAM also g and g_v), plus 10%.", ""]
+    mode_titles = {
+        "tf": "TensorFlow's allocator counters (bytes of live tensors)",
+        "rss": "resident set of the process (VmHWM, VmRSS)",
+    }
+    for key, rows in report["summary"].items():
+        xla, mode = key.split("/")
+        lines += [f"**{'With' if xla == 'xla' else 'Without'} XLA, "
+                  f"{mode_titles[mode]}**, in P = {4 * params / 2**20:.1f} "
+                  "MiB (min over repeats; range of `step` in brackets):", ""]
+        lines += ["| variant | state | step | kept | footprint | over base "
+                  "| over floor | allowed over floor |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for variant, row in rows.items():
+            allowed = ALLOWED_OVER_FLOOR.get(variant)
+            verdict = ""
+            if allowed is not None and row["over_floor"] is not None:
+                verdict = (f"{allowed:.1f} "
+                           + ("met" if row["over_floor"] <= allowed
+                              else "**missed**"))
+            step = _p(row["step"])
+            if row["repeats"] > 1 and row["step"] is not None:
+                step += f" [{_p(row['step_max'])}]"
+            lines.append(
+                f"| {variant} | {_p(row['state'])} | {step} | "
+                f"{_p(row['kept'])} | {_p(row['footprint'])} | "
+                f"{_p(row['over_base'])} | {_p(row['over_floor'])} | "
+                f"{verdict} |")
+        lines.append("")
+    firsts = [(key, rows) for key, rows in report["summary"].items()
+              if key.endswith("/rss")]
+    if firsts:
+        lines += ["`ru_maxrss` growth over the warm-up steps (tracing and "
+                  "compilation included), in P, min over repeats:", "",
+                  "| XLA | " + " | ".join(firsts[0][1]) + " |",
+                  "|---|" + "---|" * len(firsts[0][1])]
+        for key, rows in firsts:
+            lines.append(f"| {'on' if key.startswith('xla') else 'off'} | "
+                         + " | ".join(_p(r["first"]) for r in rows.values())
+                         + " |")
+        lines.append("")
+    versions = report["versions"]
+    footer = (f"TensorFlow {versions['tensorflow']}, Keras "
+              f"{versions['keras']}, {report['machine']['cpu_count']} CPU "
+              f"cores, commit {str(report['commit'])[:10]}"
+              + (f" (at the end {str(report['commit_at_end'])[:10]})"
+                 if report.get("commit_at_end") not in (None,
+                                                        report["commit"])
+                 else "")
+              + (" + uncommitted " + ", ".join(
+                  line.split()[-1] for line in report["library_modified"])
+                 if isinstance(report.get("library_modified"), list)
+                 and report["library_modified"] else "")
+              + f", MLP {'-'.join(map(str, arguments['layers']))}-10 "
+              f"({params:,} parameters), batch {arguments['batch_size']}, "
+              f"{arguments['warmup_steps']} + {arguments['steps']} steps, "
+              f"{arguments['repeats']} repeats")
+    if arguments.get("setup"):
+        footer += f", setup {os.path.basename(arguments['setup'])}"
+    if report.get("wall_seconds") is not None:
+        footer += f", {report['wall_seconds'] / 60:.1f} minutes in all"
+    lines.append(footer + ".")
+    return "\n".join(lines) + "\n"
+
+
+def _git(*args):
+    try:
+        return subprocess.check_output(["git", *args], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog="Measures every variant in its own process; see the module "
+               "docstring for what the columns mean.")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="processes per variant, XLA setting and mode "
+                             "(default 3; the minimum is reported)")
+    parser.add_argument("--warmup-steps", type=int, default=LOOKSAM_EVERY,
+                        help="steps before the measurement (tracing, "
+                             "compiling; default 5)")
+    parser.add_argument("--steps", type=int, default=LOOKSAM_EVERY,
+                        help="measured steps (default 5: one perturbed step "
+                             "of LookSAM)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--layers", type=int, nargs="+",
+                        default=DEFAULT_LAYERS,
+                        help="input size and hidden widths of the MLP "
+                             "(default: %(default)s; 10 outputs)")
+    parser.add_argument("--jit", choices=["off", "on", "both"],
+                        default="both")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
+                        help="tf: TensorFlow's counters (BFC allocator); "
+                             "rss: resident set (default: both)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS,
+                        default=VARIANTS, metavar="VARIANT",
+                        help="measure only these (default: all of "
+                             + ", ".join(VARIANTS) + ")")
+    parser.add_argument("--setup", default=None, metavar="FILE",
+                        help="a Python file each child runs after importing "
+                             "keras_asam (an experiment, e.g. a monkeypatch)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of about a minute: MLP "
+                             + "-".join(map(str, QUICK_LAYERS))
+                             + "-10, tf mode, no XLA, one repeat; writes "
+                               "memory.quick.json/.md")
+    parser.add_argument("--output", default=None,
+                        help="results JSON (default "
+                             "benchmarks/results/memory.json)")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="only print the Markdown tables of a results "
+                             "JSON")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    if args.render:
+        with open(args.render) as f:
+            report = json.load(f)
+        report["summary"] = summarize(report["runs"], VARIANTS)
+        print(render_markdown(report), end="")
+        return
+    if args.quick:
+        args.layers, args.modes, args.jit, args.repeats = (
+            QUICK_LAYERS, ["tf"], "off", 1)
+    if args.output is None:
+        args.output = os.path.join(
+            HERE, "results", "memory.quick.json" if args.quick
+            else "memory.json")
+    if args.setup:
+        args.setup = os.path.abspath(args.setup)
+    variants = [v for v in VARIANTS if v in args.variants]
+    modes = [m for m in MODES if m in args.modes]
+    jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
+
+    start = time.perf_counter()
+    commit = _git("rev-parse", "HEAD")
+    library_modified = (_git("status", "--porcelain", "keras_asam")
+                        or "").splitlines()
+    runs = []
+    total = args.repeats * len(jits) * len(modes) * len(variants)
+    for repeat in range(args.repeats):
+        for jit in jits:
+            for mode in modes:
+                for variant in variants:
+                    config = {"variant": variant, "jit": jit, "mode": mode,
+                              "layers": args.layers,
+                              "batch_size": args.batch_size,
+                              "warmup_steps": args.warmup_steps,
+                              "steps": args.steps, "setup": args.setup}
+                    child_start = time.perf_counter()
+                    raw = run_child(config)
+                    q = quantities(raw, mode)
+                    unit = 4.0 * raw["params"]
+                    runs.append({"variant": variant, "jit": jit,
+                                 "mode": mode, "repeat": repeat,
+                                 "quantities": q, "raw": raw,
+                                 "wall_seconds":
+                                     time.perf_counter() - child_start})
+                    print(f"[{len(runs)}/{total}] repeat {repeat} XLA "
+                          f"{'on' if jit else 'off'} {mode} {variant}: "
+                          + ", ".join(
+                              f"{k} {_p(None if v is None else v / unit)}"
+                              for k, v in q.items())
+                          + f" P ({runs[-1]['wall_seconds']:.0f} s)",
+                          flush=True)
+
+    import keras
+    import tensorflow as tf
+
+    import keras_asam
+
+    report = {
+        "machine": {"platform": platform.platform(),
+                    "processor": platform.processor(),
+                    "cpu_count": os.cpu_count()},
+        "versions": {"python": sys.version.split()[0],
+                     "tensorflow": tf.__version__,
+                     "keras": keras.version(),
+                     "keras_asam": keras_asam.__version__},
+        "commit": commit,
+        "commit_at_end": _git("rev-parse", "HEAD"),
+        # Uncommitted changes to the library when the run started, if any.
+        "library_modified": library_modified,
+        "arguments": vars(args),
+        "params": runs[0]["raw"]["params"],
+        "parameter_bytes": 4 * runs[0]["raw"]["params"],
+        "allowed_over_floor": ALLOWED_OVER_FLOOR,
+        "wall_seconds": time.perf_counter() - start,
+        "summary": summarize(runs, variants),
+        "runs": runs,
+    }
+    markdown_text = render_markdown(report)
+    print("\nPeak memory of a training step, in parameter bytes P\n")
+    print(markdown_text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=1)
+    markdown = os.path.splitext(args.output)[0] + ".md"
+    with open(markdown, "w") as f:
+        f.write(markdown_text)
+    print(f"Wrote {args.output} and {markdown}")
+
+
+if __name__ == "__main__":
+    main()
