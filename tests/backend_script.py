@@ -5,7 +5,7 @@ Run in a subprocess with KERAS_BACKEND set (tests/test_backends.py):
     KERAS_BACKEND=jax python tests/backend_script.py ARGS_JSON
 
 ARGS_JSON holds `saved_model` (a .keras file written on TensorFlow) and
-`runs` (per trajectory name, the steps TensorFlow's in-graph schedule picks).
+`sharpness` (keyword arguments of `keras_asam.sharpness`, per case name).
 The last line of stdout is a JSON object of measurements; the pytest process
 compares them with NumPy references.
 """
@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -26,6 +27,7 @@ import keras  # noqa: E402
 
 import keras_asam  # noqa: E402
 
+ARGS = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
 OUT = {"backend": keras.backend.backend(),
        "tensorflow_imported": "tensorflow" in sys.modules}
 
@@ -74,6 +76,67 @@ for name, options in variants.items():
     OUT["one_step"][name] = {"weights": weights(model),
                              "loss": history["loss"][0],
                              "sharpness": history["sharpness"][0]}
+
+# num_batch_splits: one step against the per-part reference (16 examples:
+# 3 parts of 6, 5, 5; 4 of 4; 20 parts -> 16 of one; 7 examples in 4 parts
+# of 2, 2, 2, 1), with sample weights, metrics from the joined predictions.
+SW = np.linspace(0.2, 2.0, 16).astype("float32")
+split_cases = {
+    "asam_3": (dict(rho=0.5, num_batch_splits=3), 16, False),
+    "sam_3": (dict(rho=0.05, adaptive=False, num_batch_splits=3), 16, False),
+    "asam_4": (dict(rho=0.5, num_batch_splits=4), 16, False),
+    "sam_20": (dict(rho=0.05, adaptive=False, num_batch_splits=20), 16,
+               False),
+    "asam_4_of_7": (dict(rho=0.5, num_batch_splits=4), 7, False),
+    "sam_3_weighted": (dict(rho=0.05, adaptive=False, num_batch_splits=3),
+                       16, True),
+    "gsam_3": (dict(rho=0.05, adaptive=False, gsam_alpha=0.3,
+                    num_batch_splits=3), 16, False),
+}
+OUT["splits"] = {}
+for name, (options, batch, weighted) in split_cases.items():
+    model = keras_asam.ASAMModel(*mlp(), **options)
+    model.wrapped_model.set_weights(W0)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse",
+                  metrics=["mae"])
+    history = model.fit(X[:batch], Y[:batch], batch_size=batch, epochs=1,
+                        shuffle=False, verbose=0,
+                        sample_weight=SW[:batch] if weighted else None)
+    OUT["splits"][name] = {"weights": weights(model),
+                           "jit_compile": bool(model.jit_compile),
+                           **{k: v[0] for k, v in history.history.items()}}
+# LookSAM with splits: perturbed steps 0, 2, 4 (g_v from the parts' means).
+model, _ = trained(steps=6, rho=0.5, asam_every=2, looksam_alpha=0.7,
+                   num_batch_splits=3)
+OUT["splits"]["looksam_3"] = {"weights": weights(model)}
+
+# BatchNorm with splits (lr 0): 5 examples in parts of 2, 2, 1.
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3)
+    h = keras.layers.BatchNormalization(momentum=0.5)(hidden(inputs))
+    model = keras_asam.ASAMModel(inputs, keras.layers.Dense(2)(h),
+                                 num_batch_splits=3)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    model.fit(X[:5], Y[:5], batch_size=5, epochs=1, shuffle=False,
+              verbose=0)
+OUT["splits"]["batchnorm"] = {
+    "warned": any("BatchNormalization" in str(w.message) for w in caught),
+    "kernel": keras.ops.convert_to_numpy(hidden.kernel).tolist(),
+    "bias": keras.ops.convert_to_numpy(hidden.bias).tolist(),
+    "moving_mean": keras.ops.convert_to_numpy(
+        model.wrapped_model.layers[2].moving_mean).tolist(),
+}
+
+# keras_asam.sharpness (the meter) on a plain compiled model at W0.
+meter = keras.Model(*mlp())
+meter.set_weights(W0)
+meter.compile(loss="mse")
+OUT["sharpness"] = {
+    name: keras_asam.sharpness(meter, X, Y, **kwargs)
+    for name, kwargs in ARGS.get("sharpness", {}).items()
+}
 
 # Trajectories: schedules (steps picked on the host), LookSAM, rho schedule.
 trajectories = {
@@ -155,9 +218,8 @@ for mode in ("functional", "wrapped", "subclassed"):
 OUT["tensorflow_imported_before_loading"] = "tensorflow" in sys.modules
 
 # A .keras file saved on TensorFlow.
-args = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
-if args.get("saved_model"):
-    loaded = keras.saving.load_model(args["saved_model"])
+if ARGS.get("saved_model"):
+    loaded = keras.saving.load_model(ARGS["saved_model"])
     OUT["loaded"] = {
         "class": type(loaded).__name__,
         "config": {k: loaded.get_config()[k] for k in (
@@ -170,19 +232,6 @@ if args.get("saved_model"):
     loaded.fit(X, Y, epochs=1, verbose=0)
     OUT["loaded"]["trains"] = bool(np.isfinite(
         keras.ops.convert_to_numpy(loaded.trainable_variables[0])).all())
-
-# What is not implemented on this backend raises at construction / call.
-errors = {}
-try:
-    keras_asam.ASAMModel(*mlp(), num_batch_splits=2)
-except NotImplementedError as error:
-    errors["num_batch_splits"] = str(error)
-model, _ = trained()
-try:
-    keras_asam.sharpness(model, X, Y, rho=0.5)
-except NotImplementedError as error:
-    errors["sharpness"] = str(error)
-OUT["errors"] = errors
 
 # JAX: `keras.distribution.DataParallel` over the host's CPU devices (the
 # test starts this process with XLA_FLAGS giving 2 of them); set last, so the
@@ -199,6 +248,9 @@ if keras.backend.backend() == "jax":
         for name in ("asam_elementwise", "gsam"):
             model, history = trained(**variants[name])
             OUT["distributed"][name] = {"weights": weights(model),
+                                        "loss": history["loss"][0]}
+        model, history = trained(**split_cases["asam_3"][0])
+        OUT["distributed"]["asam_3"] = {"weights": weights(model),
                                         "loss": history["loss"][0]}
         keras.distribution.set_distribution(None)
 

@@ -22,6 +22,13 @@ import keras_asam
 from keras_asam import schedule
 from tests import reference
 
+SHARPNESS_CASES = {
+    "asam": dict(rho=0.5),
+    "sam": dict(rho=0.05, adaptive=False),
+    "pinf_3_steps": dict(rho=0.05, p=math.inf, steps=3, batch_size=5),
+    "filterwise_mae": dict(rho=0.5, normalization="filterwise", steps=2,
+                           loss="mae"),
+}
 SCRIPT = os.path.join(os.path.dirname(__file__), "backend_script.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 0.1
@@ -36,13 +43,20 @@ TRAJECTORIES = {
 
 # -- NumPy reference: Dense(3, tanh) -> Dense(2), mean squared error -------
 
-def loss_and_grads(w, x, y):
+def predict(w, x):
+    w1, b1, w2, b2 = [np.asarray(v, np.float64) for v in w]
+    return np.tanh(x @ w1 + b1) @ w2 + b2
+
+
+def loss_and_grads(w, x, y, sw=None):
+    """Keras' mse ("sum_over_batch_size": sum_i sw_i mse_i / N), gradient."""
     w1, b1, w2, b2 = [np.asarray(v, np.float64) for v in w]
     h = np.tanh(x @ w1 + b1)
     out = h @ w2 + b2
     diff = out - y
-    loss = (diff ** 2).mean()
-    d_out = 2 * diff / diff.size
+    sw = np.ones(len(x)) if sw is None else np.asarray(sw, np.float64)
+    loss = (sw * (diff ** 2).mean(1)).sum() / len(x)
+    d_out = 2 * diff * sw[:, None] / diff.size
     dh = d_out @ w2.T * (1 - h ** 2)
     return loss, [x.T @ dh, dh.sum(0), h.T @ d_out, d_out.sum(0)]
 
@@ -50,11 +64,30 @@ def loss_and_grads(w, x, y):
 BIASES = [False, True, False, True]
 
 
-def adversarial(w, x, y, **variant):
-    loss, g = loss_and_grads(w, x, y)
+def adversarial(w, x, y, sw=None, **variant):
+    loss, g = loss_and_grads(w, x, y, sw)
     eps = reference.eps(g, w, BIASES, **variant)
-    adv_loss, g_adv = loss_and_grads([a + e for a, e in zip(w, eps)], x, y)
+    adv_loss, g_adv = loss_and_grads([a + e for a, e in zip(w, eps)], x, y,
+                                     sw)
     return loss, g, adv_loss, g_adv
+
+
+def split_adversarial(w, x, y, n, sw=None, **variant):
+    """m-sharpness: both passes per `np.array_split` part (one example per
+    part when there are fewer than n); size-weighted means of g_s and
+    g_adv_s, and of the parts' L_s(w + eps_s) - L_s(w)."""
+    g = [np.zeros_like(a) for a in w]
+    g_adv = [np.zeros_like(a) for a in w]
+    sharpness = 0.0
+    for index in np.array_split(np.arange(len(x)), min(n, len(x))):
+        loss, g_s, adv_loss, g_adv_s = adversarial(
+            w, x[index], y[index], None if sw is None else sw[index],
+            **variant)
+        share = len(index) / len(x)
+        g = [a + share * b for a, b in zip(g, g_s)]
+        g_adv = [a + share * b for a, b in zip(g_adv, g_adv_s)]
+        sharpness += share * (adv_loss - loss)
+    return g, g_adv, sharpness
 
 
 def dot(a, b):
@@ -72,12 +105,12 @@ def tf_picks(every=1, probability=1.0, seed=schedule.DEFAULT_SEED):
         probability=probability, seed=seed)) for s in range(STEPS)]
 
 
-def trajectory(w, x, y, runs, rho, looksam=0.0):
+def trajectory(w, x, y, runs, rho, looksam=0.0, splits=1):
     rhos = rho if isinstance(rho, list) else [rho] * STEPS
     g_v = [np.zeros_like(a) for a in w]
     for s in range(STEPS):
         if runs[s]:
-            _, g, _, g_adv = adversarial(w, x, y, rho=rhos[s])
+            g, g_adv, _ = split_adversarial(w, x, y, splits, rho=rhos[s])
             g_v = [ga - dot(g, g_adv) / dot(g, g) * gc
                    for gc, ga in zip(g, g_adv)]
             w = step(w, g_adv)
@@ -115,7 +148,8 @@ def run_script(backend, tmp_path_factory):
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
                             "platform_device_count=2").strip()
     result = subprocess.run(
-        [sys.executable, SCRIPT, json.dumps({"saved_model": path})],
+        [sys.executable, SCRIPT, json.dumps({
+            "saved_model": path, "sharpness": SHARPNESS_CASES})],
         capture_output=True, text=True, env=env, timeout=900, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -239,11 +273,84 @@ def test_keras_file_saved_on_tensorflow_loads(run):
     assert loaded["trains"]
 
 
-def test_unsupported_options_raise_naming_option_and_backend(run):
-    backend = run["backend"]
-    message = run["errors"]["num_batch_splits"]
-    assert "num_batch_splits" in message and repr(backend) in message
-    assert repr(backend) in run["errors"]["sharpness"]
+SPLITS = {  # name: (variant, splits, batch, sample weights)
+    "asam_3": (dict(rho=0.5), 3, 16, False),  # parts of 6, 5, 5
+    "sam_3": (dict(rho=0.05, adaptive=False), 3, 16, False),
+    "asam_4": (dict(rho=0.5), 4, 16, False),  # equal parts
+    "sam_20": (dict(rho=0.05, adaptive=False), 20, 16, False),  # 16 of 1
+    "asam_4_of_7": (dict(rho=0.5), 4, 7, False),  # 2, 2, 2, 1
+    "sam_3_weighted": (dict(rho=0.05, adaptive=False), 3, 16, True),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_batch_splits_match_the_per_part_reference(run, name):
+    variant, n, batch, weighted = SPLITS[name]
+    w, x, y = data(run)
+    x, y = x[:batch], y[:batch]
+    sw = np.linspace(0.2, 2.0, 16)[:batch] if weighted else None
+    _, g_adv, sharpness = split_adversarial(w, x, y, n, sw, **variant)
+    measured = run["splits"][name]
+    assert_weights(measured["weights"], step(w, g_adv))
+    # Loss and metrics of the batch at w, from the parts' joined predictions.
+    loss, _ = loss_and_grads(w, x, y, sw)
+    assert measured["loss"] == pytest.approx(loss, rel=1e-5)
+    if not weighted:
+        assert measured["mae"] == pytest.approx(
+            np.abs(predict(w, x) - y).mean(), rel=1e-5)
+    assert measured["sharpness"] == pytest.approx(sharpness, rel=1e-4,
+                                                  abs=1e-6)
+    # On JAX the split step is jitted (the parts' sizes are static there).
+    assert measured["jit_compile"] == (run["backend"] == "jax")
+
+
+def test_batch_splits_with_gsam(run):
+    w, x, y = data(run)
+    g, g_adv, _ = split_adversarial(w, x, y, 3, rho=0.05, adaptive=False)
+    coefficient = dot(g, g_adv) / (dot(g_adv, g_adv) + 1e-12)
+    direction = [ga - 0.3 * (gc - coefficient * ga)
+                 for gc, ga in zip(g, g_adv)]
+    assert_weights(run["splits"]["gsam_3"]["weights"], step(w, direction))
+
+
+def test_batch_splits_with_looksam(run):
+    w, x, y = data(run)
+    expected = trajectory(w, x, y, tf_picks(every=2),
+                          rho=0.5, looksam=0.7, splits=3)
+    assert_weights(run["splits"]["looksam_3"]["weights"], expected,
+                   atol=2e-5)
+
+
+def test_batch_splits_batchnorm_policy(run):
+    # Parts of 2, 2, 1: the two parts of two examples update the moving
+    # mean once each (from their clean pass); the part of one leaves it.
+    measured = run["splits"]["batchnorm"]
+    assert measured["warned"]
+    _, x, _ = data(run)
+    hidden = x[:5] @ np.asarray(measured["kernel"]) + measured["bias"]
+    mean = np.zeros(3)
+    for index in np.array_split(np.arange(5), 3):
+        if len(index) >= 2:
+            mean = 0.5 * mean + 0.5 * hidden[index].mean(0)
+    np.testing.assert_allclose(measured["moving_mean"], mean, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_sharpness_meter_equals_tensorflow_and_reference(run):
+    w, x, y = data(run)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(3, activation="tanh")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    model.set_weights([np.asarray(a, np.float32) for a in w])
+    model.compile(loss="mse")
+    x32, y32 = x.astype("float32"), y.astype("float32")
+    for name, kwargs in SHARPNESS_CASES.items():
+        on_tensorflow = keras_asam.sharpness(model, x32, y32, **kwargs)
+        assert run["sharpness"][name] == pytest.approx(on_tensorflow,
+                                                       rel=1e-5, abs=1e-6)
+    loss, _, adv_loss, _ = adversarial(w, x, y, rho=0.5)
+    assert run["sharpness"]["asam"] == pytest.approx(adv_loss - loss,
+                                                     rel=1e-5)
 
 
 @pytest.mark.slow
@@ -262,3 +369,8 @@ def test_jax_data_parallel_equals_single_device_step(jax_run):
                  for gc, ga in zip(g, g_adv)]
     assert_weights(jax_run["distributed"]["gsam"]["weights"],
                    step(w, direction))
+    # num_batch_splits: parts of the global batch (3 in all), each along
+    # its own gradient, as on one device.
+    _, g_adv, _ = split_adversarial(w, x, y, 3, rho=0.5)
+    assert_weights(jax_run["distributed"]["asam_3"]["weights"],
+                   step(w, g_adv))

@@ -21,8 +21,8 @@ import keras
 # Options that a backend's step does not implement yet: name -> the value
 # that turns them off. Checked when an `ASAMModel` is built.
 UNSUPPORTED = {
-    "jax": {"num_batch_splits": 1},
-    "torch": {"num_batch_splits": 1},
+    "jax": {},
+    "torch": {},
 }
 
 

@@ -7,6 +7,8 @@ them. The TensorFlow step (`keras_asam.tensorflow_step`) shares
 `StepHelpers`.
 """
 
+import warnings
+
 import keras
 
 from keras_asam import selection
@@ -37,6 +39,25 @@ class StepHelpers:
     def _perturbed_mask(self, variables):
         """Which of `variables` the ascent moves (`perturb=`)."""
         return selection.selected(self.perturb, self, variables)
+
+    def _warn_about_batchnorm(self):
+        """`num_batch_splits` with BatchNormalization: say what happens."""
+        has_batchnorm = any(
+            isinstance(layer, keras.layers.BatchNormalization)
+            for layer in self._flatten_layers(include_self=False)
+        )
+        if has_batchnorm:
+            warnings.warn(
+                f"`num_batch_splits={self.num_batch_splits}` with "
+                "BatchNormalization layers: every part of the batch is "
+                "normalized with its own statistics and updates the moving "
+                "statistics once; a part of one example (batches smaller "
+                f"than {2 * self.num_batch_splits} per replica) has zero "
+                "batch variance and leaves them unchanged. Prefer parts of "
+                "at least 16 examples, or LayerNormalization/"
+                "GroupNormalization for per-example (1-SAM) ascent.",
+                stacklevel=3,
+            )
 
 
 class CommonTrainStep(StepHelpers):

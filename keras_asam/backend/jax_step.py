@@ -29,6 +29,21 @@ the state through `metrics_variables`.
 Under `keras.distribution.DataParallel` the jitted step computes the loss
 of the global batch, so the ascent uses the global-batch gradient: the
 single-device step (what `sync_perturbation=True` means on TensorFlow).
+
+With `num_batch_splits = n` the batch is cut into n parts (sizes as in
+`numpy.array_split`; static at trace time), and both passes run for each:
+
+    g_s, g_adv_s = grad L_s(w), grad L_s(w + eps_s)   (eps_s from g_s)
+    g, g_adv     = sum_s |s| / |B| g_s,  sum_s |s| / |B| g_adv_s
+
+Parts of equal size go through one `lax.scan` (at most two scans: the
+larger parts, then the smaller), so the compiled step does not grow with n.
+The parts' clean predictions are joined into the batch for the loss and
+the metrics (no extra forward pass). Under DataParallel the parts are parts
+of the global batch: the step equals the single-device split step on it
+(n parts in all, not n per device as on TensorFlow, where each replica
+splits its own batch), and `sync_perturbation` has no effect, as without
+splits.
 """
 
 import jax
@@ -50,6 +65,23 @@ class JaxTrainStep(CommonTrainStep):
         if tracker is not None:
             variables = variables + list(tracker.variables)
         return variables
+
+    def compile(self, *args, **kwargs):
+        """Keras' `compile`; with `num_batch_splits` > 1 the step is still
+        jitted (`jit_compile="auto"` or `True`): on JAX the parts' sizes are
+        static when the step is traced, so XLA compiles the loop over them
+        (on TensorFlow they are not, and the split step runs without XLA).
+        """
+        jit_compile = kwargs.get("jit_compile", "auto")
+        if self.num_batch_splits == 1 or jit_compile is False:
+            return super().compile(*args, **kwargs)
+        super().compile(*args, **dict(kwargs, jit_compile=False))
+        if not self.run_eagerly:
+            keras.Model.jit_compile.fset(
+                self, jit_compile is True
+                or keras.Model._resolve_auto_jit_compile(self)
+            )
+            self._compile_config.config["jit_compile"] = jit_compile
 
     def _nt_index(self, variable):
         for i, v in enumerate(self.non_trainable_variables):
@@ -92,44 +124,35 @@ class JaxTrainStep(CommonTrainStep):
             self.compute_loss_and_updates, has_aux=True
         )
 
-        def passes(values, non_trainable, metrics):
+        def passes(values, non_trainable, metrics, part=(x, y, sample_weight)):
             return grad_fn(
-                values, non_trainable, metrics, x, y, sample_weight,
+                values, non_trainable, metrics, *part,
                 training=True, optimizer_variables=optimizer_variables,
             )
 
-        # Pass 1 at w: the loss, the metrics and the ascent direction.
-        (_, aux), gradients = passes(
-            trainable, non_trainable, metrics_variables
-        )
-        loss, y_pred, new_non_trainable, metrics_variables = aux
-        new_non_trainable = list(new_non_trainable)
-        adversarial, adversarial_loss = gradients, loss
-
-        if run:
+        if run and self.num_batch_splits > 1:
             rho = self._rho_value(non_trainable, optimizer_variables)
-            eps = self._eps(gradients, trainable, rho)
-            perturbed = [
-                w if e is None else w + e.astype(w.dtype)
-                for w, e in zip(trainable, eps)
-            ]
-            # Pass 2 at w + eps; its metric updates are dropped.
-            (_, aux), adversarial = passes(
-                perturbed, new_non_trainable, metrics_variables
+            (loss, y_pred, new_non_trainable, metrics_variables, gradients,
+             adversarial, adversarial_loss) = self._split_passes(
+                passes, trainable, non_trainable, metrics_variables,
+                (x, y, sample_weight), rho,
             )
-            adversarial_loss, _, perturbed_non_trainable, _ = aux
-            float_state = {id(v) for v in self._float_state()}
-            new_non_trainable = [
-                clean if (id(v) in float_state
-                          and not self.keep_perturbed_state) else after
-                for v, clean, after in zip(
-                    self.non_trainable_variables, new_non_trainable,
-                    perturbed_non_trainable,
+        else:
+            # Pass 1 at w: the loss, the metrics and the ascent direction.
+            (_, aux), gradients = passes(
+                trainable, non_trainable, metrics_variables
+            )
+            loss, y_pred, new_non_trainable, metrics_variables = aux
+            new_non_trainable = list(new_non_trainable)
+            adversarial, adversarial_loss = gradients, loss
+            if run:
+                rho = self._rho_value(non_trainable, optimizer_variables)
+                adversarial, adversarial_loss, new_non_trainable = (
+                    self._perturbed_pass(
+                        passes, trainable, gradients, new_non_trainable,
+                        metrics_variables, rho,
+                    )
                 )
-            ]
-            adversarial = self._finite_or_clean(
-                adversarial, gradients, adversarial_loss
-            )
 
         descent = self._descent_direction(
             gradients, adversarial, adversarial_loss, run,
@@ -147,6 +170,154 @@ class JaxTrainStep(CommonTrainStep):
         )
         return logs, (trainable, new_non_trainable, optimizer_variables,
                       metrics_variables)
+
+    def _perturbed_pass(self, passes, trainable, gradients, non_trainable,
+                        metrics_variables, rho, part=None):
+        """Pass 2 at w + eps (eps from `gradients`), from the non-trainable
+        values of the clean pass; its metric updates are dropped.
+
+        Returns `(g_adv, L(w + eps), non_trainable)`: g_adv is the clean
+        `gradients` where L(w + eps) is not finite; the float non-trainable
+        values are the clean pass's unless `keep_perturbed_state`.
+        """
+        eps = self._eps(gradients, trainable, rho)
+        perturbed = [
+            w if e is None else w + e.astype(w.dtype)
+            for w, e in zip(trainable, eps)
+        ]
+        extra = () if part is None else (part,)
+        (_, aux), adversarial = passes(
+            perturbed, non_trainable, metrics_variables, *extra
+        )
+        adversarial_loss, _, perturbed_non_trainable, _ = aux
+        float_state = {id(v) for v in self._float_state()}
+        non_trainable = [
+            clean if (id(v) in float_state
+                      and not self.keep_perturbed_state) else after
+            for v, clean, after in zip(
+                self.non_trainable_variables, non_trainable,
+                perturbed_non_trainable,
+            )
+        ]
+        adversarial = self._finite_or_clean(
+            adversarial, gradients, adversarial_loss
+        )
+        return adversarial, adversarial_loss, non_trainable
+
+    def _split_passes(self, passes, trainable, non_trainable,
+                      metrics_variables, data, rho):
+        """Both passes for each of `num_batch_splits` parts of the batch.
+
+        With parts s of sizes |s| as in `numpy.array_split` (one example
+        per part when the batch has fewer than n), part s perturbs along its
+        own gradient g_s:
+
+            g     = sum_s |s| / |B| grad L_s(w)
+            g_adv = sum_s |s| / |B| grad L_s(w + eps_s)
+            L_adv = L(w) + sum_s |s| / |B| (L_s(w + eps_s) - L_s(w))
+
+        The non-trainable values run through the parts in order (BatchNorm
+        statistics updated once per part, by its clean pass); a part of one
+        example leaves the float ones as they were. Parts of one size share
+        a `lax.scan`.
+
+        Args:
+            passes: `passes(values, non_trainable, metrics, part)`, the value
+                and gradient of the (scaled) loss on `part = (x, y, weight)`.
+            trainable: Values of the trainable variables (w).
+            non_trainable: Values of the non-trainable variables.
+            metrics_variables: Values of the metric variables.
+            data: `(x, y, sample_weight)` of the batch.
+            rho: Scalar rho_t.
+
+        Returns:
+            `(loss, y_pred, non_trainable, metrics_variables, g, g_adv,
+            L_adv)`: the batch's loss from the parts' clean predictions
+            joined in `y_pred` (the metric variables updated by that loss
+            once), and the size-weighted means above.
+        """
+        self._warn_about_batchnorm()
+        batch = next(
+            t for t in keras.tree.flatten(data[0]) if t is not None
+        ).shape[0]
+        parts = min(self.num_batch_splits, batch)
+        quotient, remainder = divmod(batch, parts)
+        # (first example, number of parts, part size): the larger parts
+        # first, as in `numpy.array_split`.
+        groups = [(0, remainder, quotient + 1),
+                  (remainder * (quotient + 1), parts - remainder, quotient)]
+        float_state = {id(v) for v in self._float_state()}
+        is_float = [id(v) in float_state for v in self.non_trainable_variables]
+
+        carry = (
+            list(non_trainable),
+            [jnp.zeros(w.shape, jnp.float32) for w in trainable],
+            [jnp.zeros(w.shape, jnp.float32) for w in trainable],
+            jnp.zeros((), jnp.float32),
+        )
+        predictions = []
+        for start, count, size in groups:
+            if count == 0:
+                continue
+            share = size / batch
+
+            def body(carry, part, size=size, share=share):
+                state, gradient_sums, adversarial_sums, sharpness = carry
+                (_, aux), gradients = passes(
+                    trainable, state, metrics_variables, part
+                )
+                part_loss, part_pred, after, _ = aux
+                adversarial, adversarial_loss, after = self._perturbed_pass(
+                    passes, trainable, gradients, list(after),
+                    metrics_variables, rho, part,
+                )
+                if size < 2:
+                    # Zero batch variance: BatchNorm statistics unchanged.
+                    after = [old if f else new
+                             for old, new, f in zip(state, after, is_float)]
+                after = [jnp.asarray(new, old.dtype)
+                         for old, new in zip(state, after)]
+                gradient_sums = [
+                    total + share * g.astype(jnp.float32)
+                    for total, g in zip(gradient_sums, gradients)
+                ]
+                adversarial_sums = [
+                    total + share * g.astype(jnp.float32)
+                    for total, g in zip(adversarial_sums, adversarial)
+                ]
+                sharpness = sharpness + share * jnp.asarray(
+                    adversarial_loss - part_loss, jnp.float32
+                )
+                return ((after, gradient_sums, adversarial_sums, sharpness),
+                        part_pred)
+
+            stacked = keras.tree.map_structure(
+                lambda t, start=start, count=count, size=size: (
+                    None if t is None else jnp.reshape(
+                        t[start:start + count * size],
+                        (count, size) + tuple(t.shape[1:]),
+                    )
+                ),
+                data,
+            )
+            carry, part_preds = jax.lax.scan(body, carry, stacked)
+            predictions.append(keras.tree.map_structure(
+                lambda p: jnp.reshape(p, (-1,) + tuple(p.shape[2:])),
+                part_preds,
+            ))
+        state, gradients, adversarial, sharpness = carry
+        y_pred = keras.tree.map_structure(
+            lambda *p: jnp.concatenate(p, axis=0), *predictions
+        )
+        x, y, sample_weight = data
+        # The loss of the joined batch (per-output loss metrics count it
+        # once; weight regularization once).
+        loss, (_, state, metrics_variables) = self.stateless_compute_loss(
+            trainable, state, metrics_variables, x=x, y=y, y_pred=y_pred,
+            sample_weight=sample_weight, training=True,
+        )
+        return (loss, y_pred, list(state), metrics_variables, gradients,
+                adversarial, loss + sharpness)
 
     def _finite_or_clean(self, adversarial, gradients, adversarial_loss):
         """g_adv, or g where L(w + eps) is not finite (a select). Under a

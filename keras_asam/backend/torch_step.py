@@ -15,11 +15,18 @@ The ascent touches no optimizer state. Metric variables, and unless
 `keep_perturbed_state` the float non-trainable variables (BatchNorm moving
 statistics), are restored after the perturbed pass. Each step's kind is
 picked on the host (`schedule.perturb_on_host`), as on TensorFlow and JAX.
+
+With `num_batch_splits = n` both passes run for each of n parts of the
+batch (sizes as in `numpy.array_split`), each perturbing along its own
+gradient; g and g_adv are the size-weighted means over the parts, and the
+loss and metrics come from the parts' clean predictions joined into the
+batch (no extra forward pass).
 """
 
 import warnings
 
 import keras
+import numpy as np
 import torch
 
 from keras_asam import directions
@@ -63,14 +70,19 @@ class TorchTrainStep(CommonTrainStep):
         batch_size = next(
             t for t in keras.tree.flatten(x) if t is not None
         ).shape[0]
-        y_pred, loss, gradients = self._loss_and_gradients(
-            x, y, sample_weight
-        )
-        adversarial, adversarial_loss = gradients, loss
-        if run:
-            adversarial, adversarial_loss = self._adversarial_gradients(
-                x, y, sample_weight, gradients
+        if run and self.num_batch_splits > 1:
+            y_pred, loss, gradients, adversarial, adversarial_loss = (
+                self._split_passes(x, y, sample_weight)
             )
+        else:
+            y_pred, loss, gradients = self._loss_and_gradients(
+                x, y, sample_weight
+            )
+            adversarial, adversarial_loss = gradients, loss
+            if run:
+                adversarial, adversarial_loss = self._adversarial_gradients(
+                    x, y, sample_weight, gradients
+                )
         variables = self.trainable_variables
         descent = self._descent_direction(
             gradients, adversarial, adversarial_loss, run
@@ -127,6 +139,90 @@ class TorchTrainStep(CommonTrainStep):
                 for ga, g in zip(adversarial, gradients)
             ]
         return adversarial, adversarial_loss
+
+    def _split_passes(self, x, y, sample_weight):
+        """Both passes for each of `num_batch_splits` parts of the batch.
+
+        With parts s of sizes |s| as in `numpy.array_split` (one example
+        per part when the batch has fewer than n), part s perturbs along its
+        own gradient g_s:
+
+            g     = sum_s |s| / |B| grad L_s(w)
+            g_adv = sum_s |s| / |B| grad L_s(w + eps_s)
+            L_adv = L(w) + sum_s |s| / |B| (L_s(w + eps_s) - L_s(w))
+
+        Each part's clean pass updates the BatchNorm statistics once; a part
+        of one example leaves the float non-trainable variables as they
+        were.
+
+        Args:
+            x: Inputs of the batch.
+            y: Targets of the batch, or `None`.
+            sample_weight: Sample weights of the batch, or `None`.
+
+        Returns:
+            `(y_pred, loss, g, g_adv, L_adv)`: the parts' clean predictions
+            joined into the batch, the batch's loss from them (per-output
+            loss metrics count it once), and the size-weighted means above.
+        """
+        self._warn_about_batchnorm()
+        batch = next(
+            t for t in keras.tree.flatten(x) if t is not None
+        ).shape[0]
+        parts = np.array_split(np.arange(batch),
+                               min(self.num_batch_splits, batch))
+        metric_state = [v for m in self.metrics for v in m.variables]
+        float_state = self._float_state()
+        with torch.no_grad():
+            saved_metrics = [v.value.detach().clone() for v in metric_state]
+        gradient_sums = adversarial_sums = None
+        sharpness = 0.0
+        predictions = []
+        for index in parts:
+            start, size = int(index[0]), len(index)
+            part_x, part_y, part_weight = keras.tree.map_structure(
+                lambda t: None if t is None else t[start:start + size],
+                (x, y, sample_weight),
+            )
+            with torch.no_grad():
+                saved_bn = [v.value.detach().clone() for v in float_state]
+            part_pred, part_loss, part_gradients = self._loss_and_gradients(
+                part_x, part_y, part_weight
+            )
+            part_adversarial, part_adversarial_loss = (
+                self._adversarial_gradients(
+                    part_x, part_y, part_weight, part_gradients
+                )
+            )
+            with torch.no_grad():
+                if size < 2:
+                    # Zero batch variance: BatchNorm statistics unchanged.
+                    for v, value in zip(float_state, saved_bn):
+                        v.assign(value)
+                share = size / batch
+                gradient_sums = _add_scaled(gradient_sums, part_gradients,
+                                            share)
+                adversarial_sums = _add_scaled(adversarial_sums,
+                                               part_adversarial, share)
+                sharpness = sharpness + share * (
+                    part_adversarial_loss - part_loss
+                ).float()
+            predictions.append(keras.tree.map_structure(
+                lambda p: p.detach(), part_pred
+            ))
+        with torch.no_grad():
+            y_pred = keras.tree.map_structure(
+                lambda *p: torch.cat(p, dim=0), *predictions
+            )
+            # Per-output loss metrics count the joined batch once.
+            for v, value in zip(metric_state, saved_metrics):
+                v.assign(value)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                training=True,
+            ).detach()
+        return (y_pred, loss, gradient_sums, adversarial_sums,
+                loss + sharpness)
 
     def _loss_scale(self):
         optimizer = self.optimizer
@@ -193,3 +289,16 @@ class TorchTrainStep(CommonTrainStep):
 
         self.train_function = one_step_on_data
         return one_step_on_data
+
+
+def _add_scaled(totals, values, share):
+    """`totals + share * values` in float32, entry by entry (`None` for a
+    variable without a gradient)."""
+    if totals is None:
+        totals = [None] * len(values)
+    return [
+        total if value is None
+        else share * value.float() if total is None
+        else total + share * value.float()
+        for total, value in zip(totals, values)
+    ]
