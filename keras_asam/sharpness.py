@@ -1,6 +1,7 @@
 """A meter for the (adaptive) sharpness of a Keras model on some data."""
 
 import math
+import sys
 
 import keras
 import numpy as np
@@ -55,7 +56,10 @@ def sharpness(
     The loss is the mean over all the data, in inference mode
     (`training=False`: BatchNormalization uses its moving statistics, dropout
     is off), plus the model's regularization losses. The model's weights and
-    state are exactly as before when the function returns or raises.
+    state are exactly as before when the function returns or raises. It runs
+    on the TensorFlow, JAX and PyTorch backends (on JAX the losses and
+    gradients are taken from values, `stateless_call`, without moving the
+    variables).
 
     When `model` is an `ASAMModel`, every hyperparameter of the meter
     (`rho`, `eta`, `adaptive`, `normalization`, `p`, `perturb`) defaults to
@@ -66,7 +70,7 @@ def sharpness(
     Args:
         model: A built `keras.Model`.
         x: Input data: NumPy array(s) or a `tf.data.Dataset` of `(x, y)` or
-            `(x, y, sample_weight)` batches.
+            `(x, y, sample_weight)` batches (on every backend).
         y: Targets, when `x` is not a dataset.
         rho: Float >= 0. Radius of the neighbourhood.
         adaptive: Boolean. Adaptive (ASAM) sharpness if `True` (default).
@@ -92,12 +96,6 @@ def sharpness(
     References:
         - [Kwon et al., 2021](https://arxiv.org/abs/2102.11600)
     """
-    if keras.backend.backend() != "tensorflow":
-        raise NotImplementedError(
-            "`keras_asam.sharpness` runs on the TensorFlow backend only; "
-            f"the current backend is {keras.backend.backend()!r}. The "
-            "`sharpness` that `fit` logs works on every backend."
-        )
     if not isinstance(model, keras.Model):
         raise ValueError(
             "`model` must be a `keras.Model`. Received: "
@@ -144,13 +142,13 @@ def sharpness(
         )
     scaled = [not is_bias(v.path) for v in variables]
     chosen = selection.selected(perturb, model, variables)
-    saved = [tf.identity(v) for v in model.variables]
-    objective = _MeanLoss(model, loss_fn)
+    saved = [_snapshot(v) for v in model.variables]
+    objective = _objective(model, loss_fn)
     try:
-        loss_at_w, gradients = objective(dataset)
+        weights = [_snapshot(v) for v in variables]
+        loss_at_w, gradients = objective(dataset, weights)
         eps = None
         best = -math.inf
-        weights = [tf.identity(v) for v in variables]
         for _ in range(steps):
             ascent = [g if c else None for g, c in zip(gradients, chosen)]
             step = perturbation(ascent, weights, scaled=scaled,
@@ -159,15 +157,37 @@ def sharpness(
                 s if e is None else e + s for e, s in zip(eps, step)
             ]
             eps = project(eps, weights, scaled=scaled, **hyperparameters)
-            for v, w, e in zip(variables, weights, eps):
-                if e is not None:
-                    v.assign(w + tf.cast(e, v.dtype))
-            loss_at_eps, gradients = objective(dataset)
+            moved = [
+                w if e is None else w + keras.ops.cast(e, v.dtype)
+                for v, w, e in zip(variables, weights, eps)
+            ]
+            loss_at_eps, gradients = objective(dataset, moved)
             best = max(best, loss_at_eps - loss_at_w)
     finally:
-        for v, value in zip(model.variables, saved):
-            v.assign(value)
+        _restore(model.variables, saved)
     return float(best)
+
+
+def _snapshot(variable):
+    """A copy of `variable`'s value that later assignments leave alone."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return tf.identity(variable)
+    if backend == "torch":
+        return variable.value.detach().clone()
+    return variable.value  # JAX arrays are immutable.
+
+
+def _restore(variables, values):
+    if keras.backend.backend() == "torch":
+        import torch
+
+        with torch.no_grad():
+            for v, value in zip(variables, values):
+                v.assign(value)
+        return
+    for v, value in zip(variables, values):
+        v.assign(value)
 
 
 def _model_settings(model):
@@ -182,13 +202,29 @@ def _model_settings(model):
     return dict(DEFAULTS, rho=None)
 
 
+def _objective(model, loss_fn):
+    """The mean-loss objective on this backend: `objective(batches, values)`
+    is the mean loss over the batches and its gradient, at `values` of the
+    trainable variables."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _JaxMeanLoss(model, loss_fn)
+    if backend == "torch":
+        return _TorchMeanLoss(model, loss_fn)
+    return _MeanLoss(model, loss_fn)
+
+
 class _MeanLoss:
-    """Mean loss over a dataset (plus regularization) and its gradient."""
+    """Mean loss over a dataset (plus regularization) and its gradient, at
+    given values of the trainable variables (assigned to them)."""
 
     def __init__(self, model, loss_fn):
         self.model = model
         self.loss_fn = loss_fn
-        self.batch = tf.function(self._batch, reduce_retracing=True)
+        self.batch = self._compiled(self._batch)
+
+    def _compiled(self, function):
+        return tf.function(function, reduce_retracing=True)
 
     def _batch(self, x, y, sample_weight):
         with tf.GradientTape() as tape:
@@ -198,12 +234,23 @@ class _MeanLoss:
                 value += tf.add_n(self.model.losses)
         return value, tape.gradient(value, self.model.trainable_variables)
 
-    def __call__(self, dataset):
+    def _assign(self, values):
+        for v, value in zip(self.model.trainable_variables, values):
+            v.assign(value)
+
+    def _evaluate(self, x, y, sample_weight):
+        return self.batch(x, y, sample_weight)
+
+    def _size(self, x):
+        return int(keras.ops.shape(keras.tree.flatten(x)[0])[0])
+
+    def __call__(self, dataset, values):
+        self._assign(values)
         total, count, grads = 0.0, 0, None
         for batch in dataset:
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-            n = int(tf.shape(tf.nest.flatten(x)[0])[0])
-            value, batch_grads = self.batch(x, y, sample_weight)
+            n = self._size(x)
+            value, batch_grads = self._evaluate(x, y, sample_weight)
             total += float(value) * n
             count += n
             weighted = [None if g is None else g * n for g in batch_grads]
@@ -214,6 +261,77 @@ class _MeanLoss:
         if count == 0:
             raise ValueError("`x` is empty: no data to measure sharpness on.")
         return total / count, [None if g is None else g / count for g in grads]
+
+
+class _JaxMeanLoss(_MeanLoss):
+    """On JAX: loss and gradient from values (`stateless_call`, jitted);
+    the variables are never assigned."""
+
+    def _compiled(self, function):
+        import jax
+
+        return jax.jit(function)
+
+    def _assign(self, values):
+        self.values = list(values)
+
+    def _evaluate(self, x, y, sample_weight):
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        return self.batch(self.values, non_trainable, x, y, sample_weight)
+
+    def _batch(self, values, non_trainable, x, y, sample_weight):
+        import jax
+
+        model = self.model
+        kwargs = {"training": False} if _has_training_arg(model) else {}
+
+        def mean_loss(values):
+            y_pred, _, losses = model.stateless_call(
+                values, non_trainable, x, return_losses=True, **kwargs
+            )
+            value = self.loss_fn(y, y_pred, sample_weight=sample_weight)
+            if losses:
+                value = value + sum(losses)
+            return value
+
+        return jax.value_and_grad(mean_loss)(values)
+
+
+class _TorchMeanLoss(_MeanLoss):
+    """On PyTorch: the values assigned under `torch.no_grad()`, gradients
+    by `torch.autograd.grad` (the variables' `.grad` left alone)."""
+
+    def _compiled(self, function):
+        return function
+
+    def _assign(self, values):
+        import torch
+
+        with torch.no_grad():
+            super()._assign(values)
+
+    def _batch(self, x, y, sample_weight):
+        import torch
+
+        x, y, sample_weight = keras.tree.map_structure(
+            lambda t: None if t is None else keras.ops.convert_to_tensor(t),
+            (x, y, sample_weight),
+        )
+        variables = self.model.trainable_variables
+        with torch.enable_grad():
+            y_pred = self.model(x, training=False)
+            value = self.loss_fn(y, y_pred, sample_weight=sample_weight)
+            if self.model.losses:
+                value = value + sum(self.model.losses)
+            grads = torch.autograd.grad(
+                value, [v.value for v in variables], allow_unused=True
+            )
+        return value.detach(), [None if g is None else g.detach()
+                                for g in grads]
+
+
+def _has_training_arg(model):
+    return getattr(model, "_call_has_training_arg", True)
 
 
 def _resolve_loss(model, loss):
@@ -240,29 +358,58 @@ def _resolve_loss(model, loss):
 
     def mean_loss(y_true, y_pred, sample_weight=None):
         # Keras' default "sum_over_batch_size" reduction of a loss function.
-        values = tf.cast(loss_fn(y_true, y_pred), tf.float32)
+        values = keras.ops.cast(loss_fn(y_true, y_pred), "float32")
         if sample_weight is not None:
-            weight = tf.cast(sample_weight, tf.float32)
-            weight = tf.reshape(
-                weight, tf.concat([tf.shape(weight), tf.ones(
-                    tf.rank(values) - tf.rank(weight), tf.int32)], 0))
+            weight = keras.ops.cast(sample_weight, "float32")
+            for _ in range(len(values.shape) - len(weight.shape)):
+                weight = keras.ops.expand_dims(weight, -1)
             values = values * weight
-        return tf.reduce_mean(values)
+        return keras.ops.mean(values)
 
     return mean_loss
 
 
+def _is_tf_dataset(x):
+    """Whether `x` is a `tf.data.Dataset` (without importing TensorFlow)."""
+    tensorflow = sys.modules.get("tensorflow")
+    return tensorflow is not None and isinstance(x, tensorflow.data.Dataset)
+
+
 def _as_dataset(x, y, batch_size):
-    if isinstance(x, tf.data.Dataset):
+    """The batches to average over: a `tf.data.Dataset` on TensorFlow, else
+    something that yields NumPy batches each time it is iterated."""
+    if _is_tf_dataset(x):
         if y is not None:
             raise ValueError(
                 "`y` must be None when `x` is a `tf.data.Dataset`. "
                 f"Received: y of type {type(y).__name__}"
             )
-        return x
+        if keras.backend.backend() == "tensorflow":
+            return x
+        return _Batches(x.as_numpy_iterator)
     if y is None:
         raise ValueError("`y` is required when `x` is not a dataset. "
                          "Received: y=None")
-    x = tf.nest.map_structure(np.asarray, x)
-    y = tf.nest.map_structure(np.asarray, y)
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    x = keras.tree.map_structure(np.asarray, x)
+    y = keras.tree.map_structure(np.asarray, y)
+    if keras.backend.backend() == "tensorflow":
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    count = len(keras.tree.flatten(x)[0])
+
+    def batches():
+        for start in range(0, count, batch_size):
+            yield keras.tree.map_structure(
+                lambda t: t[start:start + batch_size], (x, y)
+            )
+
+    return _Batches(batches)
+
+
+class _Batches:
+    """An iterable that calls `make()` for a new iterator of batches."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
