@@ -124,7 +124,11 @@ class JaxTrainStep(CommonTrainStep):
             self.compute_loss_and_updates, has_aux=True
         )
 
-        def passes(values, non_trainable, metrics, part=(x, y, sample_weight)):
+        batch = (x, y, sample_weight)
+
+        def passes(values, non_trainable, metrics, part):
+            """Value and gradient of the (scaled) loss on `part`, an
+            `(x, y, sample_weight)` of the batch."""
             return grad_fn(
                 values, non_trainable, metrics, *part,
                 training=True, optimizer_variables=optimizer_variables,
@@ -134,13 +138,13 @@ class JaxTrainStep(CommonTrainStep):
             rho = self._rho_value(non_trainable, optimizer_variables)
             (loss, y_pred, new_non_trainable, metrics_variables, gradients,
              adversarial, adversarial_loss) = self._split_passes(
-                passes, trainable, non_trainable, metrics_variables,
-                (x, y, sample_weight), rho,
+                passes, trainable, non_trainable, metrics_variables, batch,
+                rho,
             )
         else:
             # Pass 1 at w: the loss, the metrics and the ascent direction.
             (_, aux), gradients = passes(
-                trainable, non_trainable, metrics_variables
+                trainable, non_trainable, metrics_variables, batch
             )
             loss, y_pred, new_non_trainable, metrics_variables = aux
             new_non_trainable = list(new_non_trainable)
@@ -150,7 +154,7 @@ class JaxTrainStep(CommonTrainStep):
                 adversarial, adversarial_loss, new_non_trainable = (
                     self._perturbed_pass(
                         passes, trainable, gradients, new_non_trainable,
-                        metrics_variables, rho,
+                        metrics_variables, rho, batch,
                     )
                 )
 
@@ -172,7 +176,7 @@ class JaxTrainStep(CommonTrainStep):
                       metrics_variables)
 
     def _perturbed_pass(self, passes, trainable, gradients, non_trainable,
-                        metrics_variables, rho, part=None):
+                        metrics_variables, rho, part):
         """Pass 2 at w + eps (eps from `gradients`), from the non-trainable
         values of the clean pass; its metric updates are dropped.
 
@@ -185,9 +189,8 @@ class JaxTrainStep(CommonTrainStep):
             w if e is None else w + e.astype(w.dtype)
             for w, e in zip(trainable, eps)
         ]
-        extra = () if part is None else (part,)
         (_, aux), adversarial = passes(
-            perturbed, non_trainable, metrics_variables, *extra
+            perturbed, non_trainable, metrics_variables, part
         )
         adversarial_loss, _, perturbed_non_trainable, _ = aux
         float_state = {id(v) for v in self._float_state()}
