@@ -47,12 +47,16 @@ class StepHelpers:
             for layer in self._flatten_layers(include_self=False)
         )
         if has_batchnorm:
+            # TensorFlow splits each replica's batch; JAX and PyTorch the
+            # (global) batch.
+            where = (" per replica"
+                     if keras.backend.backend() == "tensorflow" else "")
             warnings.warn(
                 f"`num_batch_splits={self.num_batch_splits}` with "
                 "BatchNormalization layers: every part of the batch is "
                 "normalized with its own statistics and updates the moving "
                 "statistics once; a part of one example (batches smaller "
-                f"than {2 * self.num_batch_splits} per replica) has zero "
+                f"than {2 * self.num_batch_splits}{where}) has zero "
                 "batch variance and leaves them unchanged. Prefer parts of "
                 "at least 16 examples, or LayerNormalization/"
                 "GroupNormalization for per-example (1-SAM) ascent.",
