@@ -424,14 +424,18 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         own = {id(v) for v in self._own_state()}
         return [v for v in weights if id(v) not in own]
 
-    def summary(self, *args, print_fn=None, **kwargs):
+    def summary(self, line_length=None, positions=None, print_fn=None,
+                expand_nested=False, show_trainable=False, layer_range=None):
         """`keras.Model.summary`, with totals that leave out ASAM's own state
         (`rho`, the step count, LookSAM's direction): without an optimizer,
         those of the wrapped model. A last line names that state. It stays
         in `weights` and `variables` (checkpoints hold it)."""
         object.__setattr__(self, "_summary_without_own_state", True)
         try:
-            super().summary(*args, print_fn=print_fn, **kwargs)
+            super().summary(line_length=line_length, positions=positions,
+                            print_fn=print_fn, expand_nested=expand_nested,
+                            show_trainable=show_trainable,
+                            layer_range=layer_range)
         finally:
             object.__setattr__(self, "_summary_without_own_state", False)
         names = ["rho", "train_steps"]
