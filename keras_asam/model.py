@@ -55,8 +55,9 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         adaptive: Boolean. ASAM if `True`, SAM if `False`.
         normalization: `"elementwise"` (default) or `"filterwise"`.
         p: `2` (default) or `float("inf")`.
-        num_batch_splits: Integer >= 1. Split each replica's batch into this
-            many parts (sizes as in `numpy.array_split`); each part perturbs
+        num_batch_splits: Integer >= 1. Split each replica's batch (on JAX,
+            the global batch) into this many parts (sizes as in
+            `numpy.array_split`); each part perturbs
             along its own gradient and the descent uses the size-weighted
             mean of the parts' adversarial gradients (m-sharpness, Foret et
             al., 2021; Keras 2's `num_batch_splits`). Defaults to `1`.
@@ -337,21 +338,28 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         with self.distribute_strategy.scope():
             self._create_own_state()
 
-    # With `num_batch_splits` > 1 the parts of a batch have sizes XLA cannot
-    # know when it compiles the loop over them: `jit_compile="auto"`
-    # resolves to `False` and `jit_compile=True` raises.
+    # On TensorFlow, with `num_batch_splits` > 1 the parts of a batch have
+    # sizes XLA cannot know when it compiles the loop over them:
+    # `jit_compile="auto"` resolves to `False` and `jit_compile=True` raises.
+    # On JAX the sizes are static when the step is traced, and it stays
+    # jitted.
+
+    def _splits_without_xla(self):
+        return (self.num_batch_splits > 1
+                and keras.backend.backend() == "tensorflow")
 
     def _resolve_auto_jit_compile(self):
-        if self.num_batch_splits > 1:
+        if self._splits_without_xla():
             return False
         return super()._resolve_auto_jit_compile()
 
     @keras.Model.jit_compile.setter
     def jit_compile(self, value):
-        if value and self.num_batch_splits > 1:
+        if value and self._splits_without_xla():
             raise ValueError(
-                "`num_batch_splits` > 1 does not compile with XLA: the "
-                "parts' sizes are not static. Use `jit_compile=False`. "
+                "`num_batch_splits` > 1 does not compile with XLA on "
+                "TensorFlow: the parts' sizes are not static. Use "
+                "`jit_compile=False`. "
                 "Received: jit_compile=True, num_batch_splits="
                 f"{self.num_batch_splits}"
             )

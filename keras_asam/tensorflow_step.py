@@ -17,7 +17,6 @@ size-weighted means over the parts.
 `ASAMModel` (model.py) holds the hyperparameters; this mixin only reads them.
 """
 
-import warnings
 
 import keras
 import tensorflow as tf
@@ -339,25 +338,6 @@ class TensorFlowTrainStep(StepHelpers):
             state += self._float_state()
         unique = {id(v): v for v in state}
         return list(unique.values())
-
-    def _warn_about_batchnorm(self):
-        """`num_batch_splits` with BatchNormalization: say what happens."""
-        has_batchnorm = any(
-            isinstance(layer, keras.layers.BatchNormalization)
-            for layer in self._flatten_layers(include_self=False)
-        )
-        if has_batchnorm:
-            warnings.warn(
-                f"`num_batch_splits={self.num_batch_splits}` with "
-                "BatchNormalization layers: every part of the batch is "
-                "normalized with its own statistics and updates the moving "
-                "statistics once; a part of one example (batches smaller "
-                f"than {2 * self.num_batch_splits} per replica) has zero "
-                "batch variance and leaves them unchanged. Prefer parts of "
-                "at least 16 examples, or LayerNormalization/"
-                "GroupNormalization for per-example (1-SAM) ascent.",
-                stacklevel=2,
-            )
 
     # -- the descent ----------------------------------------------------------
 

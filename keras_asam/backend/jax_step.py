@@ -66,23 +66,6 @@ class JaxTrainStep(CommonTrainStep):
             variables = variables + list(tracker.variables)
         return variables
 
-    def compile(self, *args, **kwargs):
-        """Keras' `compile`; with `num_batch_splits` > 1 the step is still
-        jitted (`jit_compile="auto"` or `True`): on JAX the parts' sizes are
-        static when the step is traced, so XLA compiles the loop over them
-        (on TensorFlow they are not, and the split step runs without XLA).
-        """
-        jit_compile = kwargs.get("jit_compile", "auto")
-        if self.num_batch_splits == 1 or jit_compile is False:
-            return super().compile(*args, **kwargs)
-        super().compile(*args, **dict(kwargs, jit_compile=False))
-        if not self.run_eagerly:
-            keras.Model.jit_compile.fset(
-                self, jit_compile is True
-                or keras.Model._resolve_auto_jit_compile(self)
-            )
-            self._compile_config.config["jit_compile"] = jit_compile
-
     def _nt_index(self, variable):
         for i, v in enumerate(self.non_trainable_variables):
             if v is variable:
