@@ -1,8 +1,9 @@
 """`ASAMModel` and `SAMModel`: Keras models that train with (A)SAM in `fit`.
 
 This module holds the construction, hyperparameters and configuration; the
-train step is in `tensorflow_step.py` (TensorFlow) and `backend/jax_step.py`,
-`backend/torch_step.py`, the maths in `perturbation.py` and `directions.py`.
+train step of each backend is in `backend/` (`tensorflow_step.py`,
+`jax_step.py`, `torch_step.py`), the maths in `perturbation.py` and
+`directions.py`.
 """
 
 import math

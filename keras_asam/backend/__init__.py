@@ -6,11 +6,12 @@ backends is the plumbing: how a gradient at w + eps is taken and how state
 is kept or restored. One module per backend holds it, the way Keras splits
 `keras/src/backend/<name>/trainer.py`:
 
-    tensorflow   keras_asam.tensorflow_step   (variables moved and restored)
-    jax          keras_asam.backend.jax_step  (stateless: a second gradient
-                                               at w + eps from values)
-    torch        keras_asam.backend.torch_step (moved and restored under
-                                               `torch.no_grad()`)
+    tensorflow   keras_asam.backend.tensorflow_step  (variables moved and
+                                                      restored)
+    jax          keras_asam.backend.jax_step  (stateless: a second gradient at
+                                               w + eps from values)
+    torch        keras_asam.backend.torch_step  (moved and restored under
+                                                 `torch.no_grad()`)
 
 Only the active backend's module is imported, so `import keras_asam` on JAX
 or PyTorch does not import TensorFlow.
@@ -31,8 +32,8 @@ def train_step_bases():
     """The mixins that give `ASAMModel` its `train_step` on this backend."""
     name = keras.backend.backend()
     if name == "tensorflow":
+        from keras_asam.backend.tensorflow_step import TensorFlowTrainStep
         from keras_asam.distribute import MultiWorkerFixes
-        from keras_asam.tensorflow_step import TensorFlowTrainStep
 
         return (MultiWorkerFixes, TensorFlowTrainStep)
     if name == "jax":

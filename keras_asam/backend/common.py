@@ -3,7 +3,7 @@ ASAM's own state, which variables the ascent moves, and the choice of each
 step's kind on the host.
 
 `ASAMModel` (model.py) holds the hyperparameters; these mixins only read
-them. The TensorFlow step (`keras_asam.tensorflow_step`) shares
+them. The TensorFlow step (`keras_asam.backend.tensorflow_step`) shares
 `StepHelpers`.
 """
 
