@@ -614,10 +614,18 @@ def run_backends(args):
     print(f"Wrote {output} and {stem}.md")
 
 
+# The repository of the library as imported (PYTHONPATH may point at another
+# checkout than the one of this script).
+LIBRARY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(
+    keras_asam.__file__)))
+
+
 def commit():
+    """The commit of the imported library's checkout."""
     try:
         return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, text=True).strip()
+            ["git", "rev-parse", "HEAD"], cwd=LIBRARY_ROOT, text=True,
+            stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -627,7 +635,7 @@ def uncommitted_library_files():
     try:
         status = subprocess.check_output(
             ["git", "status", "--porcelain", "--", "keras_asam"],
-            cwd=os.path.dirname(HERE), text=True)
+            cwd=LIBRARY_ROOT, text=True, stderr=subprocess.DEVNULL)
     except (OSError, subprocess.CalledProcessError):
         return None
     return [line[3:] for line in status.splitlines()]
