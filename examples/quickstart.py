@@ -15,9 +15,9 @@ and saves a PNG of those curves per epoch.
     python examples/quickstart.py --quick          # smoke run, under a minute
 
 Run it from the repository root after `pip install -e ".[examples]"`. The
-main run takes 3.1 minutes of CPU time: expect about 3 minutes on 2 idle
-CPU cores; on 2 cores shared with other jobs (load average 7) it took 9. It
-runs on any Keras backend (`KERAS_BACKEND=jax` with JAX installed).
+main run takes 2.6-3.1 minutes of CPU time: expect about 3 minutes on 2
+idle CPU cores; on 2 cores shared with other jobs it took 5.6 and 9 minutes.
+It runs on any Keras backend (`KERAS_BACKEND=jax` with JAX installed).
 
 The setting is a cell of the generalization benchmark
 (`benchmarks/generalization.py`, results in
