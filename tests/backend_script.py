@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 import keras  # noqa: E402
 
 import keras_asam  # noqa: E402
+import keras_asam.custom_loop  # noqa: E402
 
 ARGS = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
 OUT = {"backend": keras.backend.backend(),
@@ -76,6 +77,91 @@ for name, options in variants.items():
     OUT["one_step"][name] = {"weights": weights(model),
                              "loss": history["loss"][0],
                              "sharpness": history["sharpness"][0]}
+
+# perturb=: the ascent moves the selected variables only (eps = 0 and out
+# of the norm for the others); every variable still descends along g_adv.
+perturb_cases = {
+    "kernels_asam": dict(rho=0.5, perturb=[r"kernel$"]),
+    "biases_sam": dict(rho=0.05, adaptive=False, perturb=[r"bias$"]),
+    "callable_asam": dict(rho=0.5,
+                          perturb=lambda v: v.path.endswith("kernel")),
+}
+OUT["perturb"] = {}
+for name, options in perturb_cases.items():
+    model, history = trained(**options)
+    OUT["perturb"][name] = {"weights": weights(model),
+                            "sharpness": history["sharpness"][0]}
+# A selection that matches nothing: a ValueError naming `perturb` when
+# training starts, and the weights as they were.
+model = keras_asam.ASAMModel(*mlp(), perturb=[r"no_such_variable"])
+model.wrapped_model.set_weights(W0)
+model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+try:
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+    OUT["perturb"]["empty"] = {"error": None}
+except Exception as error:  # noqa: BLE001 (reported to the test)
+    OUT["perturb"]["empty"] = {"error": type(error).__name__,
+                               "message": str(error)}
+OUT["perturb"]["empty"]["unchanged"] = all(
+    np.array_equal(keras.ops.convert_to_numpy(v), w)
+    for v, w in zip(model.trainable_variables, W0))
+
+# keras_asam.custom_loop on fixed "gradients" G: the pure function
+# perturbed_values, and perturbed (moves Keras variables, restores them).
+G = [np.random.default_rng(1).normal(size=w.shape).astype("float32")
+     for w in W0]
+OUT["data"]["g"] = [g.tolist() for g in G]
+PATHS = ["dense/kernel", "dense/bias", "dense_1/kernel", "dense_1/bias"]
+
+
+def tensors(arrays):
+    return [keras.ops.convert_to_tensor(a) for a in arrays]
+
+
+custom_cases = {
+    "asam": dict(rho=0.5, paths=PATHS),
+    "asam_no_paths": dict(rho=0.5),
+    "sam": dict(rho=0.05, adaptive=False),
+    "filterwise_pinf": dict(rho=0.05, normalization="filterwise",
+                            p=float("inf"), paths=PATHS),
+    "rho_variable": dict(rho=keras.Variable(0.5), paths=PATHS),
+}
+OUT["custom_loop"] = {"values": {}}
+for name, kwargs in custom_cases.items():
+    moved = keras_asam.custom_loop.perturbed_values(
+        tensors(W0), tensors(G), **kwargs)
+    OUT["custom_loop"]["values"][name] = [
+        keras.ops.convert_to_numpy(v).tolist() for v in moved]
+# A weight without gradient comes back as given.
+moved = keras_asam.custom_loop.perturbed_values(
+    tensors(W0), [G[0], None, G[2], G[3]], rho=0.5, paths=PATHS)
+OUT["custom_loop"]["values"]["none_gradient"] = [
+    keras.ops.convert_to_numpy(v).tolist() for v in moved]
+OUT["custom_loop"]["none_gradient_is_given"] = moved[1] is not None and (
+    keras.ops.convert_to_numpy(moved[1]).tolist() == W0[1].tolist())
+
+meter = keras.Model(*mlp())
+meter.set_weights(W0)
+variables = meter.trainable_variables
+OUT["custom_loop"]["paths"] = [v.path for v in variables]
+with keras_asam.custom_loop.perturbed(variables, tensors(G),
+                                      rho=0.5) as eps:
+    inside = [keras.ops.convert_to_numpy(v).tolist() for v in variables]
+    eps = [keras.ops.convert_to_numpy(e).tolist() for e in eps]
+restored = all(np.array_equal(keras.ops.convert_to_numpy(v), w)
+               for v, w in zip(variables, W0))
+try:
+    with keras_asam.custom_loop.perturbed(variables, tensors(G), rho=0.5):
+        raise RuntimeError("in the body")
+except RuntimeError:
+    pass
+OUT["custom_loop"]["perturbed"] = {
+    "eps": eps, "inside": inside, "restored": restored,
+    "restored_after_raise": all(
+        np.array_equal(keras.ops.convert_to_numpy(v), w)
+        for v, w in zip(variables, W0)),
+    "dtypes": [str(v.dtype) for v in variables],
+}
 
 # num_batch_splits: one step against the per-part reference (16 examples:
 # 3 parts of 6, 5, 5; 20 parts -> 16 of one; 7 examples in 4 parts of 2, 2,
@@ -230,6 +316,38 @@ if ARGS.get("saved_model"):
     loaded.fit(X, Y, epochs=1, verbose=0)
     OUT["loaded"]["trains"] = bool(np.isfinite(
         keras.ops.convert_to_numpy(loaded.trainable_variables[0])).all())
+
+# Mixed precision (the output layer in float32, as on TensorFlow): six
+# perturbed steps under each policy; "error" if the step fails.
+def mixed_run(policy, steps=6):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inputs = keras.Input((4,))
+        hidden = keras.layers.Dense(3, activation="tanh")
+        outputs = keras.layers.Dense(2, dtype="float32")(hidden(inputs))
+        model = keras_asam.ASAMModel(inputs, outputs, rho=0.5)
+        model.wrapped_model.set_weights(W0)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        history = model.fit(X, Y, batch_size=16, epochs=steps,
+                            shuffle=False, verbose=0).history
+        return {
+            "compute_dtype": hidden.compute_dtype,
+            "loss_scale_optimizer": isinstance(
+                model.optimizer, keras.optimizers.LossScaleOptimizer),
+            "dtypes": [str(v.dtype) for v in model.trainable_variables],
+            "weights": weights(model),
+            "loss": history["loss"],
+            "sharpness": history["sharpness"],
+        }
+    except Exception as error:  # noqa: BLE001 (reported to the test)
+        return {"error": f"{type(error).__name__}: {error}"[:2000]}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+OUT["mixed_precision"] = {policy: mixed_run(policy) for policy in (
+    "mixed_bfloat16", "mixed_float16")}
+OUT["policy_after"] = keras.mixed_precision.global_policy().name
 
 # JAX: `keras.distribution.DataParallel` over the host's CPU devices (the
 # test starts this process with XLA_FLAGS giving 2 of them); set last, so the

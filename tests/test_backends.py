@@ -64,9 +64,22 @@ def loss_and_grads(w, x, y, sw=None):
 BIASES = [False, True, False, True]
 
 
-def adversarial(w, x, y, sw=None, **variant):
+def masked_eps(g, w, mask=None, biases=BIASES, **variant):
+    """The reference eps for the variables `mask` selects (all if `None`):
+    the others get eps = 0 and stay out of the norm."""
+    mask = [True] * len(w) if mask is None else mask
+    chosen = [i for i, m in enumerate(mask) if m]
+    eps = [np.zeros_like(a) for a in w]
+    for i, e in zip(chosen, reference.eps(
+            [g[i] for i in chosen], [w[i] for i in chosen],
+            [biases[i] for i in chosen], **variant)):
+        eps[i] = e
+    return eps
+
+
+def adversarial(w, x, y, sw=None, mask=None, **variant):
     loss, g = loss_and_grads(w, x, y, sw)
-    eps = reference.eps(g, w, BIASES, **variant)
+    eps = masked_eps(g, w, mask, **variant)
     adv_loss, g_adv = loss_and_grads([a + e for a, e in zip(w, eps)], x, y,
                                      sw)
     return loss, g, adv_loss, g_adv
@@ -212,6 +225,40 @@ def test_one_step_matches_reference(run, name, variant):
     assert measured["loss"] == pytest.approx(loss, rel=1e-5)
     assert measured["sharpness"] == pytest.approx(adv_loss - loss,
                                                   rel=1e-4, abs=1e-6)
+
+
+PERTURB = {  # name: (variant, which of [kernel, bias, kernel, bias] move)
+    "kernels_asam": (dict(rho=0.5), [True, False, True, False]),
+    "biases_sam": (dict(rho=0.05, adaptive=False), [False, True, False, True]),
+    "callable_asam": (dict(rho=0.5), [True, False, True, False]),
+}
+
+
+@pytest.mark.parametrize("name", list(PERTURB))
+def test_perturb_limits_the_ascent_to_the_selected_variables(run, name):
+    variant, mask = PERTURB[name]
+    w, x, y = data(run)
+    loss, _, adv_loss, g_adv = adversarial(w, x, y, mask=mask, **variant)
+    # The selection changes the step (the test tells them apart).
+    _, _, _, g_all = adversarial(w, x, y, **variant)
+    assert max(np.abs(a - b).max() for a, b in zip(g_adv, g_all)) > 1e-3
+    measured = run["perturb"][name]
+    assert_weights(measured["weights"], step(w, g_adv))
+    assert measured["sharpness"] == pytest.approx(adv_loss - loss,
+                                                  rel=1e-4, abs=1e-6)
+    # Every variable descends, also the unperturbed ones.
+    assert all(not np.allclose(a, b)
+               for a, b in zip(measured["weights"], w))
+
+
+def test_perturb_selecting_nothing_raises_before_training(run):
+    empty = run["perturb"]["empty"]
+    assert empty["error"] == "ValueError"
+    assert "`perturb`" in empty["message"]
+    assert "no_such_variable" in empty["message"]
+    # The variables keep their values (on JAX `fit` would otherwise have
+    # detached them before the first step failed).
+    assert empty["unchanged"]
 
 
 def test_gsam_one_step(run):
@@ -373,3 +420,88 @@ def test_jax_data_parallel_equals_single_device_step(jax_run):
     _, g_adv, _ = split_adversarial(w, x, y, 3, rho=0.5)
     assert_weights(jax_run["distributed"]["asam_3"]["weights"],
                    step(w, g_adv))
+
+
+# -- mixed precision ----------------------------------------------------------
+
+# Unit roundoff of the compute dtypes (8 and 11 bits of significand).
+ROUNDOFF = {"mixed_bfloat16": 2.0**-8, "mixed_float16": 2.0**-11}
+
+
+def distance(a, b):
+    return math.sqrt(sum(((np.asarray(u) - v) ** 2).sum()
+                         for u, v in zip(a, b)))
+
+
+@pytest.mark.parametrize("policy", list(ROUNDOFF))
+def test_mixed_precision_follows_the_float32_step(run, policy):
+    """Six perturbed steps under the policy (output layer in float32, as in
+    test_mixed_precision.py): float32 weights, finite, and within 5 unit
+    roundoffs of the compute dtype, relative to the size of the update,
+    from the float32 NumPy reference (measured: under 1 roundoff)."""
+    measured = run["mixed_precision"][policy]
+    assert "error" not in measured, measured.get("error")
+    assert measured["compute_dtype"] == policy.split("_")[1]
+    # compile wraps the optimizer in a LossScaleOptimizer under float16.
+    assert measured["loss_scale_optimizer"] == (policy == "mixed_float16")
+    assert measured["dtypes"] == ["float32"] * 4
+    assert np.isfinite(np.concatenate(
+        [np.ravel(a) for a in measured["weights"]])).all()
+    assert np.isfinite(measured["loss"]).all()
+    assert measured["loss"][-1] < measured["loss"][0]
+    assert all(math.isfinite(s) and s > 0 for s in measured["sharpness"])
+    w, x, y = data(run)
+    expected = trajectory(w, x, y, [True] * STEPS, rho=0.5)
+    tolerance = 5 * ROUNDOFF[policy] * distance(expected, w)
+    assert distance(measured["weights"], expected) < tolerance
+    # Plain SGD (rho = 0) lies well outside: the test sees the ascent.
+    assert distance(trajectory(w, x, y, [True] * STEPS, rho=0.0),
+                    expected) > 5 * tolerance
+    assert run["policy_after"] == "float32"
+
+
+# -- keras_asam.custom_loop ---------------------------------------------------
+
+CUSTOM_LOOP = {  # name: (variant, biases with T_w = 1)
+    "asam": (dict(rho=0.5), BIASES),
+    "asam_no_paths": (dict(rho=0.5), [False] * 4),
+    "sam": (dict(rho=0.05, adaptive=False), [False] * 4),
+    "filterwise_pinf": (dict(rho=0.05, normalization="filterwise",
+                             p=math.inf), BIASES),
+    "rho_variable": (dict(rho=0.5), BIASES),
+}
+
+
+def custom_loop_data(out):
+    w, _, _ = data(out)
+    return w, [np.asarray(g, np.float64) for g in out["data"]["g"]]
+
+
+@pytest.mark.parametrize("name", list(CUSTOM_LOOP))
+def test_custom_loop_perturbed_values_match_reference(run, name):
+    variant, biases = CUSTOM_LOOP[name]
+    w, g = custom_loop_data(run)
+    eps = masked_eps(g, w, biases=biases, **variant)
+    assert_weights(run["custom_loop"]["values"][name],
+                   [a + e for a, e in zip(w, eps)])
+
+
+def test_custom_loop_perturbed_values_without_a_gradient(run):
+    w, g = custom_loop_data(run)
+    eps = masked_eps(g, w, [True, False, True, True], rho=0.5)
+    assert_weights(run["custom_loop"]["values"]["none_gradient"],
+                   [a + e for a, e in zip(w, eps)])
+    assert run["custom_loop"]["none_gradient_is_given"]
+
+
+def test_custom_loop_perturbed_moves_and_restores_bitwise(run):
+    measured = run["custom_loop"]["perturbed"]
+    assert [p.split("/")[-1] for p in run["custom_loop"]["paths"]] == [
+        "kernel", "bias", "kernel", "bias"]
+    w, g = custom_loop_data(run)
+    eps = masked_eps(g, w, rho=0.5)
+    assert_weights(measured["eps"], eps)
+    assert_weights(measured["inside"], [a + e for a, e in zip(w, eps)])
+    assert measured["restored"]
+    assert measured["restored_after_raise"]
+    assert measured["dtypes"] == ["float32"] * 4

@@ -79,6 +79,16 @@ class CommonTrainStep(StepHelpers):
                 "model and its layers."
             )
 
+    def _check_before_training(self):
+        """The checks of `train_step` that can fail, run when the train
+        function is made: before `fit` takes the variables' values (on JAX
+        it detaches them from the variables for the epoch, and an error in
+        the first step would leave the model without weights)."""
+        if not self.built:
+            return
+        self._check_trainable()
+        self._perturbed_mask(self.trainable_variables)
+
     def _eps(self, gradients, values, rho):
         """eps for the trainable variables (values aligned with
         `self.trainable_variables`), with this model's hyperparameters."""

@@ -374,6 +374,7 @@ class JaxTrainStep(CommonTrainStep):
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return
+        self._check_before_training()
         compiled = {}
         # Read now: in `fit` the variables' values are detached later.
         out_shardings = None

@@ -269,6 +269,7 @@ class TorchTrainStep(CommonTrainStep):
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
+        self._check_before_training()
         if self.steps_per_execution > 1:
             raise ValueError(
                 "`steps_per_execution` must be 1 with the PyTorch backend. "
