@@ -274,12 +274,13 @@ def plot(results, path, noise):
     seeds = len(next(iter(results.values())))
     band = (f"line: mean, band: min-max\nover {seeds} seeds" if seeds > 1
             else "one seed")
+    # Without wrong labels the middle panel shows the training accuracy.
+    middle = "wrong_labels_fit" if noise > 0 else "accuracy"
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for method, runs in results.items():
         curves = [100 * (1 - np.array([r["curves"]["test_accuracy"]
                                        for r in runs])),
-                  100 * np.array([r["curves"]["wrong_labels_fit"]
-                                  for r in runs]),
+                  100 * np.array([r["curves"][middle] for r in runs]),
                   np.array([r["curves"][METER_KEY] for r in runs])]
         label = method.upper() + (f" (rho {RHO[method]})" if RHO[method]
                                   else "")
@@ -290,11 +291,15 @@ def plot(results, path, noise):
                             color=line.get_color(), lw=0)
     axes[0].set(title="Test error (clean test labels)", xlabel="epoch",
                 ylabel="test error, % (log scale)", yscale="log")
-    axes[1].set(title=f"Wrong training labels learnt ({noise:.0%} of the "
-                      "labels are wrong)",
-                xlabel="epoch",
-                ylabel="% of wrongly labelled examples\npredicted as their "
-                       "wrong label")
+    if noise > 0:
+        axes[1].set(title=f"Wrong training labels learnt ({noise:.0%} of the "
+                          "labels are wrong)",
+                    xlabel="epoch",
+                    ylabel="% of wrongly labelled examples\npredicted as "
+                           "their wrong label")
+    else:
+        axes[1].set(title="Training accuracy (clean labels)", xlabel="epoch",
+                    ylabel="training accuracy, % (mean over the epoch)")
     axes[2].set(title=f"Adaptive sharpness at rho={METER_RHO} (training data)",
                 xlabel="epoch", ylabel="max L(w + eps) - L(w) (log scale)",
                 yscale="log")
