@@ -15,9 +15,9 @@ Two helpers do the middle part:
 - `perturbed_values(values, gradients, rho=...)`: the pure function
   `w + eps` on tensors, for stateless loops that pass weights around.
 
-Both use the same eps as `ASAMModel` (`keras_asam.perturbation`). What
-`ASAMModel` does on top, and these helpers leave to you, is listed in the
-docstring of `perturbed`.
+Both use the same eps as `ASAMModel` (`keras_asam.perturbation`), on the
+TensorFlow, JAX and PyTorch backends. What `ASAMModel` does on top, and
+these helpers leave to you, is listed in the docstring of `perturbed`.
 
 References:
     - [Kwon et al., 2021](https://arxiv.org/abs/2102.11600)
@@ -62,8 +62,9 @@ def perturbed_values(
 
     Nothing is assigned: this is what a stateless loop (e.g. calling
     `model.stateless_call(perturbed_values(...), ...)`) needs. It works
-    eagerly and on symbolic tensors inside `tf.function`. To move Keras or
-    TensorFlow variables in place, use `perturbed`.
+    eagerly and on symbolic tensors inside `tf.function` or `jax.jit`, and
+    on PyTorch tensors. To move Keras or TensorFlow variables in place, use
+    `perturbed`.
 
     Args:
         values: List of tensors or arrays, the current weights w.
@@ -151,7 +152,9 @@ def perturbed(
     Yields the list of eps. On exit, also when the body raises, assigns the
     saved values back: the weights are bitwise what they were (restored
     from the copy, never by subtracting eps). Works eagerly and inside
-    `tf.function`, for Keras variables and `tf.Variable`s.
+    `tf.function`, for Keras variables and `tf.Variable`s; on JAX and
+    PyTorch eagerly, for Keras variables (inside `jax.jit`, where variables
+    are not assigned, use `perturbed_values` with `stateless_call`).
 
     What it does NOT do for you (and what `ASAMModel` does instead):
 

@@ -105,6 +105,21 @@ except Exception as error:  # noqa: BLE001 (reported to the test)
 OUT["perturb"]["empty"]["unchanged"] = all(
     np.array_equal(keras.ops.convert_to_numpy(v), w)
     for v, w in zip(model.trainable_variables, W0))
+# Likewise a model without trainable weights (all of them frozen).
+inner = keras.Model(*mlp())
+inner.set_weights(W0)
+inner.trainable = False
+model = keras_asam.ASAMModel(inner)
+model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+try:
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+    OUT["perturb"]["frozen"] = {"error": None}
+except Exception as error:  # noqa: BLE001 (reported to the test)
+    OUT["perturb"]["frozen"] = {"error": type(error).__name__,
+                                "message": str(error)}
+OUT["perturb"]["frozen"]["unchanged"] = all(
+    np.array_equal(keras.ops.convert_to_numpy(v), w)
+    for v, w in zip(inner.weights, W0))
 
 # keras_asam.custom_loop on fixed "gradients" G: the pure function
 # perturbed_values, and perturbed (moves Keras variables, restores them).
@@ -131,6 +146,13 @@ for name, kwargs in custom_cases.items():
     moved = keras_asam.custom_loop.perturbed_values(
         tensors(W0), tensors(G), **kwargs)
     OUT["custom_loop"]["values"][name] = [
+        keras.ops.convert_to_numpy(v).tolist() for v in moved]
+if keras.backend.backend() == "jax":  # Inside a jitted function.
+    import jax
+
+    moved = jax.jit(lambda w, g: keras_asam.custom_loop.perturbed_values(
+        w, g, rho=0.5, paths=PATHS))(tensors(W0), tensors(G))
+    OUT["custom_loop"]["values"]["jitted"] = [
         keras.ops.convert_to_numpy(v).tolist() for v in moved]
 # A weight without gradient comes back as given.
 moved = keras_asam.custom_loop.perturbed_values(

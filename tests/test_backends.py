@@ -261,6 +261,13 @@ def test_perturb_selecting_nothing_raises_before_training(run):
     assert empty["unchanged"]
 
 
+def test_no_trainable_weights_raises_before_training(run):
+    frozen = run["perturb"]["frozen"]
+    assert frozen["error"] == "ValueError"
+    assert "no trainable weights" in frozen["message"]
+    assert frozen["unchanged"]
+
+
 def test_gsam_one_step(run):
     w, x, y = data(run)
     _, g, _, g_adv = adversarial(w, x, y, rho=0.05, adaptive=False)
@@ -483,6 +490,14 @@ def test_custom_loop_perturbed_values_match_reference(run, name):
     w, g = custom_loop_data(run)
     eps = masked_eps(g, w, biases=biases, **variant)
     assert_weights(run["custom_loop"]["values"][name],
+                   [a + e for a, e in zip(w, eps)])
+
+
+@pytest.mark.slow
+def test_custom_loop_perturbed_values_under_jax_jit(jax_run):
+    w, g = custom_loop_data(jax_run)
+    eps = masked_eps(g, w, rho=0.5)
+    assert_weights(jax_run["custom_loop"]["values"]["jitted"],
                    [a + e for a, e in zip(w, eps)])
 
 
