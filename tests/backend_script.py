@@ -369,6 +369,32 @@ def mixed_run(policy, steps=6):
 
 OUT["mixed_precision"] = {policy: mixed_run(policy) for policy in (
     "mixed_bfloat16", "mixed_float16")}
+
+
+# Loss scaling: a scale of 2**120 overflows float16, so the
+# LossScaleOptimizer skips the step (weights unchanged) and lowers it.
+keras.mixed_precision.set_global_policy("mixed_float16")
+try:
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(3, activation="tanh")(inputs)
+    model = keras_asam.ASAMModel(
+        inputs, keras.layers.Dense(2, dtype="float32")(h), rho=0.5)
+    model.wrapped_model.set_weights(W0)
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1), initial_scale=2.0**120)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(X, Y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    OUT["mixed_precision"]["overflow"] = {
+        "unchanged": all(
+            np.array_equal(keras.ops.convert_to_numpy(v), w)
+            for v, w in zip(model.trainable_variables, W0)),
+        "scale": float(keras.ops.convert_to_numpy(optimizer.dynamic_scale)),
+    }
+except Exception as error:  # noqa: BLE001 (reported to the test)
+    OUT["mixed_precision"]["overflow"] = {
+        "error": f"{type(error).__name__}: {error}"[:2000]}
+finally:
+    keras.mixed_precision.set_global_policy("float32")
 OUT["policy_after"] = keras.mixed_precision.global_policy().name
 
 # JAX: `keras.distribution.DataParallel` over the host's CPU devices (the

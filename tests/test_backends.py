@@ -467,6 +467,15 @@ def test_mixed_precision_follows_the_float32_step(run, policy):
     assert run["policy_after"] == "float32"
 
 
+def test_loss_scale_overflow_skips_the_step(run):
+    """Under mixed_float16 a loss scale of 2**120 overflows: the
+    LossScaleOptimizer skips the step and lowers its scale."""
+    measured = run["mixed_precision"]["overflow"]
+    assert "error" not in measured, measured.get("error")
+    assert measured["unchanged"]
+    assert measured["scale"] < 2.0**120
+
+
 # -- keras_asam.custom_loop ---------------------------------------------------
 
 CUSTOM_LOOP = {  # name: (variant, biases with T_w = 1)
