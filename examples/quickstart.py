@@ -12,7 +12,7 @@ and saves a PNG of those curves per epoch.
 
     python examples/quickstart.py                  # 15 models, see below
     python examples/quickstart.py --label-noise 0  # the same on clean labels
-    python examples/quickstart.py --quick          # smoke run, under a minute
+    python examples/quickstart.py --quick          # smoke run, about a minute
 
 Run it from the repository root after `pip install -e ".[examples]"`. The
 main run takes 2.6-3.1 minutes of CPU time: expect about 3 minutes on 2
