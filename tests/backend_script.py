@@ -91,6 +91,21 @@ for name, options in perturb_cases.items():
     model, history = trained(**options)
     OUT["perturb"][name] = {"weights": weights(model),
                             "sharpness": history["sharpness"][0]}
+# perturb="normalization" (SAM-ON): only the LayerNormalization scale and
+# offset move in the ascent.
+NORM_W0 = [W0[0], W0[1], np.array([1.2, 0.8, 1.1], "float32"),
+           np.array([0.1, -0.2, 0.05], "float32"), W0[2], W0[3]]
+OUT["data"]["norm_w0"] = [w.tolist() for w in NORM_W0]
+inputs = keras.Input((4,))
+h = keras.layers.LayerNormalization()(keras.layers.Dense(3)(inputs))
+model = keras_asam.ASAMModel(inputs, keras.layers.Dense(2)(h), rho=0.5,
+                             perturb="normalization")
+model.wrapped_model.set_weights(NORM_W0)
+model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+model.fit(X, Y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+OUT["perturb"]["normalization"] = {
+    "weights": weights(model),
+    "paths": [v.path for v in model.trainable_variables]}
 # A selection that matches nothing: a ValueError naming `perturb` when
 # training starts, and the weights as they were.
 model = keras_asam.ASAMModel(*mlp(), perturb=[r"no_such_variable"])

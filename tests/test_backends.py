@@ -251,6 +251,32 @@ def test_perturb_limits_the_ascent_to_the_selected_variables(run, name):
                for a, b in zip(measured["weights"], w))
 
 
+def test_perturb_normalization_moves_only_the_normalization_layers(run):
+    """SAM-ON on Dense -> LayerNormalization -> Dense: against the
+    reference step (TensorFlow gradients, NumPy eps) with the ascent on
+    gamma and beta only."""
+    measured = run["perturb"]["normalization"]
+    selected = ["layer_normalization" in p for p in measured["paths"]]
+    assert selected == [False, False, True, True, False, False]
+    _, x, y = data(run)
+    weights = [np.asarray(w, np.float32) for w in run["data"]["norm_w0"]]
+    inputs = keras.Input((4,))
+    h = keras.layers.LayerNormalization()(keras.layers.Dense(3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    reference_step = reference.asam_gradients(
+        model, weights, x.astype("float32"), y.astype("float32"),
+        keras.losses.MeanSquaredError(), selected=selected, rho=0.5)
+    assert_weights(measured["weights"],
+                   [w - LR * g for w, g in zip(weights,
+                                               reference_step["adv_grads"])])
+    # Perturbing every variable would give another step.
+    everything = reference.asam_gradients(
+        model, weights, x.astype("float32"), y.astype("float32"),
+        keras.losses.MeanSquaredError(), rho=0.5)
+    assert max(np.abs(a - b).max() for a, b in zip(
+        everything["adv_grads"], reference_step["adv_grads"])) > 1e-3
+
+
 def test_perturb_selecting_nothing_raises_before_training(run):
     empty = run["perturb"]["empty"]
     assert empty["error"] == "ValueError"
