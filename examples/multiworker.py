@@ -63,8 +63,12 @@ def train_worker(args):
                         verbose=2 if task["index"] == 0 else 0).history
     checksum = float(sum(np.abs(v.numpy()).sum()
                          for v in model.trainable_variables))
-    print(f"worker {task['index']}: final loss {history['loss'][-1]:.6f}, "
-          f"weights checksum {checksum:.8f}", flush=True)
+    # One write of the whole line: the workers share the launcher's stdout,
+    # and print() writes the text and the newline separately when unbuffered.
+    sys.stdout.write(f"worker {task['index']}: final loss "
+                     f"{history['loss'][-1]:.6f}, weights checksum "
+                     f"{checksum:.8f}\n")
+    sys.stdout.flush()
 
 
 def free_ports(n):
