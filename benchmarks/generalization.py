@@ -105,8 +105,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS_DIR = os.path.join(HERE, "results")
 
-# The training recipe, shared by every method (the quickstart's, with a
-# cosine decay of the learning rate to zero over the run).
+# The training recipe, shared by every method: SGD with momentum and weight
+# decay, the learning rate decayed to zero over the run by a cosine
+# (examples/quickstart.py trains its label-noise run with this recipe).
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
