@@ -166,8 +166,7 @@ def perturbation(
         t = scale(i)
         if p == 2 and t is not None:
             directions[i] = g * ops.square(t)
-            squared_norms.append(ops.vdot(ops.reshape(g, (-1,)),
-                                          ops.reshape(directions[i], (-1,))))
+            squared_norms.append(ops.sum(g * directions[i]))
             continue
         if p == 2:
             directions[i] = g
