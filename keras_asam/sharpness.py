@@ -143,7 +143,7 @@ def sharpness(
     scaled = [not is_bias(v.path) for v in variables]
     chosen = selection.selected(perturb, model, variables)
     saved = [_snapshot(v) for v in model.variables]
-    objective = _objective(model, loss_fn)
+    objective = _objective(model, loss, loss_fn)
     try:
         weights = [_snapshot(v) for v in variables]
         loss_at_w, gradients = objective(dataset, weights)
@@ -202,16 +202,42 @@ def _model_settings(model):
     return dict(DEFAULTS, rho=None)
 
 
-def _objective(model, loss_fn):
+# Traced objectives are kept on the model (outside Keras' attribute
+# tracking), so that measuring it again, e.g. after every epoch, does not
+# trace its forward and backward pass anew, and they go when the model goes.
+_CACHE_ATTRIBUTE = "_keras_asam_meter_objectives"
+
+
+def _objective(model, loss, loss_fn):
     """The mean-loss objective on this backend: `objective(batches, values)`
     is the mean loss over the batches and its gradient, at `values` of the
-    trainable variables."""
+    trainable variables.
+
+    Reused for the same model, loss (the `loss` argument, or the model's own
+    when it is `None`) and trainable variables.
+    """
+    source = model.loss if loss is None else loss
+    key = (
+        keras.backend.backend(),
+        source if isinstance(source, str) else id(source),
+        tuple(id(v) for v in model.trainable_variables),
+    )
+    cached = model.__dict__.get(_CACHE_ATTRIBUTE)
+    if cached is None:
+        cached = {}
+        object.__setattr__(model, _CACHE_ATTRIBUTE, cached)
+    if key in cached:
+        return cached[key][1]
     backend = keras.backend.backend()
     if backend == "jax":
-        return _JaxMeanLoss(model, loss_fn)
-    if backend == "torch":
-        return _TorchMeanLoss(model, loss_fn)
-    return _MeanLoss(model, loss_fn)
+        objective = _JaxMeanLoss(model, loss_fn)
+    elif backend == "torch":
+        objective = _TorchMeanLoss(model, loss_fn)
+    else:
+        objective = _MeanLoss(model, loss_fn)
+    # The loss object is kept with the objective, so its id stays its own.
+    cached[key] = (source, objective)
+    return objective
 
 
 class _MeanLoss:

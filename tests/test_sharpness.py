@@ -161,3 +161,59 @@ def test_rho_is_required_for_other_models():
     x, y = _data(8)
     with pytest.raises(ValueError, match="rho"):
         keras_asam.sharpness(_relu_net(), x, y)
+
+
+class CountingNet(keras.Model):
+    """Counts the Python calls of `call`: a traced function that is reused
+    does not call it again."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.out = keras.layers.Dense(1)
+        self.calls = 0
+
+    def call(self, x, training=False):
+        self.calls += 1
+        return self.out(self.hidden(x))
+
+
+def test_meter_reuses_its_traced_function_and_follows_changes():
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = CountingNet()
+    model.compile(loss="mse")
+    model(x[:1])
+    first = keras_asam.sharpness(model, x, y, rho=0.5, batch_size=64)
+    traced = model.calls
+    again = keras_asam.sharpness(model, x, y, rho=0.5, batch_size=64)
+    assert model.calls == traced
+    assert again == first
+
+    # New weights are read, not the ones seen when tracing: the value equals
+    # that of a fresh model holding the same weights.
+    model.hidden.kernel.assign(model.hidden.kernel * 2.0)
+    moved = keras_asam.sharpness(model, x, y, rho=0.5, batch_size=64)
+    keras.utils.set_random_seed(1)
+    fresh = CountingNet()
+    fresh.compile(loss="mse")
+    fresh(x[:1])
+    fresh.set_weights(model.get_weights())
+    expected = keras_asam.sharpness(fresh, x, y, rho=0.5, batch_size=64)
+    assert moved != first
+    np.testing.assert_allclose(moved, expected, rtol=1e-6)
+
+    # Another loss, and frozen variables, are measured with their own
+    # function (the fresh model gives the reference each time).
+    mae = keras_asam.sharpness(model, x, y, rho=0.5, batch_size=64,
+                               loss="mae")
+    np.testing.assert_allclose(
+        mae, keras_asam.sharpness(fresh, x, y, rho=0.5, batch_size=64,
+                                  loss="mae"), rtol=1e-6)
+    model.hidden.trainable = False
+    fresh.hidden.trainable = False
+    frozen = keras_asam.sharpness(model, x, y, rho=0.5, batch_size=64)
+    np.testing.assert_allclose(
+        frozen, keras_asam.sharpness(fresh, x, y, rho=0.5, batch_size=64),
+        rtol=1e-6)
+    assert frozen != moved
