@@ -12,11 +12,10 @@ and saves a PNG of those curves per epoch.
 
     python examples/quickstart.py                  # 15 models, see below
     python examples/quickstart.py --label-noise 0  # the same on clean labels
-    python examples/quickstart.py --quick          # smoke run, about a minute
+    python examples/quickstart.py --quick          # smoke run, about 20 seconds
 
 Run it from the repository root after `pip install -e ".[examples]"`. The
-main run takes 2.6-3.1 minutes of CPU time: expect about 3 minutes on 2
-idle CPU cores; on 2 cores shared with other jobs it took 5.6 and 9 minutes.
+main run took 1.6 minutes on 2 idle CPU cores.
 It runs on any Keras backend (`KERAS_BACKEND=jax` with JAX installed).
 
 The setting is a cell of the generalization benchmark
@@ -54,7 +53,6 @@ noisy validation labels), `test_accuracy` (clean) and `wrong_labels_fit`.
 import argparse
 import importlib
 import json
-import logging
 import os
 import sys
 import time
@@ -62,10 +60,6 @@ import time
 # Before TensorFlow is imported: hide its C++ info and warning lines (CUDA
 # probes on CPU-only machines). Numerics are unaffected.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# `keras_asam.sharpness` traces its loss function anew on every call (here
-# once per epoch), and TensorFlow warns that this retracing is expensive. It
-# costs time (about 0.4 s per call here), not accuracy.
-logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
