@@ -101,6 +101,11 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 
 import keras_asam  # noqa: E402
 
+# Symmetric label noise: one definition, shared with the quickstart.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "examples"))
+import label_noise  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS_DIR = os.path.join(HERE, "results")
@@ -223,25 +228,6 @@ def load_pool_and_test(name):
                 data["x_test"].astype("float32"),
                 data["y_test"].astype("int32"))
     raise ValueError(f"unknown data set {name!r}")
-
-
-def noisy_split(y_pool, noise, seed):
-    """(train indices, validation indices, noisy labels) for one seed.
-
-    The seed fixes an order of the pool: the first round(noise * n) examples
-    in it get a label drawn uniformly from the other classes, so the corrupted
-    sets are nested across noise levels. The validation split depends on the
-    seed only."""
-    n = len(y_pool)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    shifts = rng.integers(1, NUM_CLASSES, n)
-    split = rng.permutation(n)
-    labels = y_pool.copy()
-    corrupted = order[:int(round(noise * n))]
-    labels[corrupted] = (y_pool[corrupted] + shifts[corrupted]) % NUM_CLASSES
-    n_val = int(round(VALIDATION_FRACTION * n))
-    return np.sort(split[n_val:]), np.sort(split[:n_val]), labels
 
 
 # -- models -------------------------------------------------------------
@@ -442,7 +428,9 @@ def run_tasks(tasks, epochs_by_dataset, max_train, jit_compile, prefix=""):
                 x_pool, y_pool = x_pool[:max_train], y_pool[:max_train]
             data_sets[dataset] = x_pool, y_pool, x_test, y_test
         x_pool, y_pool, x_test, y_test = data_sets[dataset]
-        train, val, labels = noisy_split(y_pool, noise, seed)
+        train, val, labels = label_noise.noisy_split(
+            y_pool, noise, seed, num_classes=NUM_CLASSES,
+            validation_fraction=VALIDATION_FRACTION)
         data = (x_pool[train], labels[train], x_pool[val], labels[val],
                 x_test, y_test)
         if (dataset, seed) not in starts:

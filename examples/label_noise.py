@@ -1,8 +1,8 @@
-"""Symmetric label noise, as in benchmarks/generalization.py.
+"""Symmetric label noise for the quickstart and benchmarks/generalization.py.
 
-`noisy_split` is the benchmark's function: the quickstart imports it from
-here, so its noisy labels and validation split for a seed are the
-benchmark's. NumPy only (no deep-learning backend).
+Both import `noisy_split` from here, so the quickstart's noisy labels and
+validation split for a seed are the benchmark's. NumPy only (no
+deep-learning backend).
 """
 
 import numpy as np

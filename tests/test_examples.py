@@ -135,14 +135,31 @@ def test_quickstart_label_noise_is_the_benchmarks():
     np.testing.assert_array_equal(x_pool.reshape(len(x_pool), -1), pool)
     np.testing.assert_array_equal(y_pool, want_y_pool)
     np.testing.assert_array_equal(y_test, want_y_test)
-    for noise in (0.0, 0.4):
-        for seed in (0, 3):
-            got = quickstart.noisy_split(y_pool, noise, seed)
-            want = benchmark.noisy_split(y_pool, noise, seed)
-            for a, b in zip(got, want):
-                np.testing.assert_array_equal(a, b)
-    _, _, labels = quickstart.noisy_split(y_pool, 0.4, 0)
-    assert np.mean(labels != y_pool) == pytest.approx(0.4, abs=1e-3)
+    # One noise function serves both (examples/label_noise.py).
+    assert quickstart.noisy_split is benchmark.label_noise.noisy_split
+
+
+def test_label_noise_corrupts_the_stated_fraction_nested_across_levels():
+    label_noise = _import_example("label_noise")
+    y = np.arange(1000) % 10
+    _, _, at_20 = label_noise.noisy_split(y, 0.2, 3)
+    train, val, at_40 = label_noise.noisy_split(y, 0.4, 3)
+    wrong_20, wrong_40 = at_20 != y, at_40 != y
+    # Exactly round(noise * n) labels change, each to another class, and
+    # the 20% set is inside the 40% set (same seed).
+    assert wrong_20.sum() == 200 and wrong_40.sum() == 400
+    assert np.all(wrong_40[wrong_20])
+    assert np.all((at_40 >= 0) & (at_40 < 10))
+    # Wrong labels are spread over the other nine classes.
+    counts = np.bincount((at_40[wrong_40] - y[wrong_40]) % 10, minlength=10)
+    assert counts[0] == 0 and counts[1:].min() > 20
+    # The validation split: 20% of the pool, disjoint from training, and the
+    # same at every noise level for a seed.
+    assert len(val) == 200 and len(train) == 800
+    assert not set(train) & set(val)
+    _, val_clean, clean = label_noise.noisy_split(y, 0.0, 3)
+    np.testing.assert_array_equal(val, val_clean)
+    np.testing.assert_array_equal(clean, y)
 
 
 @pytest.mark.slow
