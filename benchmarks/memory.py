@@ -20,18 +20,25 @@ without momentum (the optimizer holds no slots):
                variable the size of the weights
 
 each without and with `jit_compile=True`. Every measurement is one fresh
-process (this script runs itself with `--child`), in one of two modes:
+process (this script runs itself with `--child`), in one of three modes:
 
   tf   TF_CPU_ALLOCATOR_USE_BFC=true, so that TensorFlow counts the bytes its
        CPU allocator hands out: `tf.config.experimental.get_memory_info`
        gives the exact bytes of live tensors and their peak (variables,
        gradients, temporaries, constants held by the compiled step; not
        Python objects, graphs or compiled code). The primary measure.
-  rss  TensorFlow's default allocator, glibc's mmap threshold fixed at
-       128 KiB (MALLOC_MMAP_THRESHOLD_) so freed tensors go back to the
-       system at once: the resident set of the process as the system sees
-       it (VmRSS, and VmHWM reset through /proc/self/clear_refs), which
-       also counts traced graphs, compiled code and allocator slack.
+  rss  The system allocator (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1) and glibc's
+       mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_), so freed
+       tensors go back to the system at once: the resident set of the
+       process as the system sees it (VmRSS, and VmHWM reset through
+       /proc/self/clear_refs), which also counts traced graphs, compiled
+       code and allocator slack.
+  rss_pool  As rss, with TensorFlow's default CPU allocator on x86 builds
+       with oneDNN (MklCPUAllocator): a BFC pool that never returns memory
+       to the system, growing by doubling regions. Its resident set keeps
+       the high-water mark of the pool, including pages touched while the
+       weights were initialised, so it shows how one large step buffer
+       (XLA's preallocated temporary) fits into that pool.
 
 In a child, after building the model, `optimizer.build` and the data:
 `fit` runs `--warmup-steps` steps (tracing, compiling; one-time costs), then
@@ -80,7 +87,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "gsam", "looksam"]
-MODES = ["tf", "rss"]
+MODES = ["tf", "rss", "rss_pool"]
 GSAM_ALPHA = 0.3
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.5, 5
 DEFAULT_LAYERS = [256, 2048, 4096, 4096, 1024]
@@ -270,10 +277,13 @@ def run_child(config):
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    env.pop("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", None)
     if config["mode"] == "tf":
         env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     else:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        if config["mode"] == "rss":
+            env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "1"
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--child",
          json.dumps(config)],
@@ -341,7 +351,10 @@ def render_markdown(report):
         "LookSAM also g and g_v), plus 10%.", ""]
     mode_titles = {
         "tf": "TensorFlow's allocator counters (bytes of live tensors)",
-        "rss": "resident set of the process (VmHWM, VmRSS)",
+        "rss": "resident set of the process (VmHWM, VmRSS), system "
+               "allocator",
+        "rss_pool": "resident set of the process (VmHWM, VmRSS), "
+                    "TensorFlow's default oneDNN pool allocator",
     }
     for key, rows in report["summary"].items():
         xla, mode = key.split("/")
@@ -434,7 +447,9 @@ def main(argv=None):
                         default="both")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
                         help="tf: TensorFlow's counters (BFC allocator); "
-                             "rss: resident set (default: both)")
+                             "rss: resident set, system allocator; "
+                             "rss_pool: resident set, TensorFlow's default "
+                             "pool allocator (default: all)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                         default=VARIANTS, metavar="VARIANT",
                         help="measure only these (default: all of "
