@@ -108,6 +108,7 @@ def perturbation(
     eta=0.01,
     normalization="elementwise",
     p=2,
+    fused=False,
 ):
     """The (A)SAM perturbation eps for a list of variables.
 
@@ -131,6 +132,13 @@ def perturbation(
         eta: Float. See `normalizer`.
         normalization: `"elementwise"` or `"filterwise"`.
         p: `2` or `float("inf")`.
+        fused: Boolean. `True` when the ops run under a compiler that fuses
+            elementwise work (XLA, `jax.jit`): T_w is then computed twice,
+            inside the norm's and inside eps's fused loops, and nothing the
+            size of the weights is kept beside g. `False` (eager or graph
+            execution): ``u = T_w^2 g`` is computed once and serves both
+            (``||T_w g||^2 = sum(g * u)``, ``eps = factor * u``), fewer passes
+            over the weights and no T_w kept. The same values up to rounding.
 
     Returns:
         List of float32 tensors (or `None`), aligned with `gradients`.
@@ -159,20 +167,23 @@ def perturbation(
     # Each variable's direction u, so that eps = factor * u:
     #   p = 2:    u = T_w^2 g,      ||T_w g||^2 = sum over variables of g . u
     #   p = inf:  u = T_w sign(g),  factor = rho
-    # Only g and u are alive at once (no T_w g or T_w kept beside them).
+    def direction(g, t):
+        if p == 2:
+            return g if t is None else g * ops.square(t)
+        return ops.sign(g) if t is None else ops.sign(g) * t
+
     directions, squared_norms = {}, []
     for i in present:
         g = ops.cast(gradients[i], "float32")
         t = scale(i)
-        if p == 2 and t is not None:
-            directions[i] = g * ops.square(t)
-            squared_norms.append(ops.sum(g * directions[i]))
+        if p == 2 and t is not None and fused:
+            squared_norms.append(_squared_norm(g * t))
             continue
-        if p == 2:
-            directions[i] = g
+        directions[i] = direction(g, t)
+        if p == 2 and t is not None:
+            squared_norms.append(ops.sum(g * directions[i]))
         else:
-            directions[i] = ops.sign(g) if t is None else ops.sign(g) * t
-        squared_norms.append(_squared_norm(g))
+            squared_norms.append(_squared_norm(g))
     # ||T_w g||_2 (||g||_2 for p = inf): not finite iff some entry of g is
     # not (or the squared norm overflows float32), and then eps = 0.
     norm = ops.sqrt(_add_n(squared_norms))
@@ -182,6 +193,9 @@ def perturbation(
     else:
         factor = ops.where(finite, rho, 0.0)
     for i in present:
+        if i not in directions:
+            directions[i] = direction(ops.cast(gradients[i], "float32"),
+                                      scale(i))
         eps[i] = _multiply_no_nan(directions[i], factor)
     return eps
 

@@ -26,8 +26,11 @@ def _problem(seed=0):
     return weights, grads, biases
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_perturbation_matches_reference(variant):
+def test_perturbation_matches_reference(variant, fused):
+    # `fused` (the form for XLA and jax.jit) changes the order of the
+    # arithmetic, not the values.
     weights, grads, biases = _problem()
     got = perturbation(
         [tf.constant(g) for g in grads],
@@ -35,6 +38,7 @@ def test_perturbation_matches_reference(variant):
         rho=0.7,
         scaled=[not b for b in biases],
         eta=0.01,
+        fused=fused,
         **variant,
     )
     want = reference.eps(grads, weights, biases, rho=0.7, eta=0.01, **variant)
@@ -69,14 +73,15 @@ def test_zero_gradient_gives_zero_eps(p):
     np.testing.assert_array_equal(eps[0].numpy(), np.zeros((3, 2)))
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 @pytest.mark.parametrize("p", [2, math.inf])
-def test_non_finite_gradient_gives_zero_eps(bad, p):
+def test_non_finite_gradient_gives_zero_eps(bad, p, fused):
     g = np.ones((3, 2), "float32")
     g[1, 1] = bad
     eps = perturbation(
         [tf.constant(g), tf.ones((2,))], [tf.ones((3, 2)), tf.ones((2,))],
-        rho=1.0, p=p,
+        rho=1.0, p=p, fused=fused,
     )
     for e in eps:
         assert np.all(e.numpy() == 0.0)

@@ -103,6 +103,7 @@ class CommonTrainStep(StepHelpers):
             eta=self.eta,
             normalization=self.normalization,
             p=self.p,
+            fused=bool(self.jit_compile),
         )
 
     # -- the host's choice of each step's kind ---------------------------

@@ -491,6 +491,7 @@ class TensorFlowTrainStep(StepHelpers):
             eta=self.eta,
             normalization=self.normalization,
             p=self.p,
+            fused=bool(self.jit_compile),
         )
 
 
