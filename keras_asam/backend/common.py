@@ -40,6 +40,23 @@ class StepHelpers:
         """Which of `variables` the ascent moves (`perturb=`)."""
         return selection.selected(self.perturb, self, variables)
 
+    def _eps(self, gradients, values, rho):
+        """eps for the trainable variables (values aligned with
+        `self.trainable_variables`), with this model's hyperparameters."""
+        variables = self.trainable_variables
+        mask = self._perturbed_mask(variables)
+        return perturbation(
+            [g if chosen else None for g, chosen in zip(gradients, mask)],
+            values,
+            rho=rho,
+            scaled=[not is_bias(v.path) for v in variables],
+            adaptive=self.adaptive,
+            eta=self.eta,
+            normalization=self.normalization,
+            p=self.p,
+            fused=bool(self.jit_compile),
+        )
+
     def _warn_about_batchnorm(self):
         """`num_batch_splits` with BatchNormalization: say what happens."""
         has_batchnorm = any(
@@ -88,23 +105,6 @@ class CommonTrainStep(StepHelpers):
             return
         self._check_trainable()
         self._perturbed_mask(self.trainable_variables)
-
-    def _eps(self, gradients, values, rho):
-        """eps for the trainable variables (values aligned with
-        `self.trainable_variables`), with this model's hyperparameters."""
-        variables = self.trainable_variables
-        mask = self._perturbed_mask(variables)
-        return perturbation(
-            [g if chosen else None for g, chosen in zip(gradients, mask)],
-            values,
-            rho=rho,
-            scaled=[not is_bias(v.path) for v in variables],
-            adaptive=self.adaptive,
-            eta=self.eta,
-            normalization=self.normalization,
-            p=self.p,
-            fused=bool(self.jit_compile),
-        )
 
     # -- the host's choice of each step's kind ---------------------------
 

@@ -23,7 +23,6 @@ import tensorflow as tf
 
 from keras_asam import directions, distribute, schedule
 from keras_asam.backend.common import StepHelpers
-from keras_asam.perturbation import is_bias, perturbation
 
 
 class TensorFlowTrainStep(StepHelpers):
@@ -138,12 +137,7 @@ class TensorFlowTrainStep(StepHelpers):
         L(w + eps) is not finite) and the loss at w + eps.
         """
         variables = self.trainable_variables
-        mask = self._perturbed_mask(variables)
-        eps = self.perturbation(
-            [g if chosen else None for g, chosen in zip(ascent, mask)],
-            variables,
-            rho=rho,
-        )
+        eps = self._eps(ascent, [v.value for v in variables], rho)
 
         # Keep a copy of w and of the state to restore, then step to w + eps.
         moved = [(v, e) for v, e in zip(variables, eps) if e is not None]
@@ -477,21 +471,6 @@ class TensorFlowTrainStep(StepHelpers):
         self._sharpness_tracker.update_state(
             tf.where(finite, sharpness, 0.0),
             sample_weight=tf.where(finite, tf.cast(batch_size, "float32"), 0.0),
-        )
-
-    def perturbation(self, gradients, variables, rho=None):
-        """eps for `variables` given their gradients, with this model's
-        hyperparameters (see `keras_asam.perturbation.perturbation`)."""
-        return perturbation(
-            gradients,
-            [v.value for v in variables],
-            rho=self._rho_this_step() if rho is None else rho,
-            scaled=[not is_bias(v.path) for v in variables],
-            adaptive=self.adaptive,
-            eta=self.eta,
-            normalization=self.normalization,
-            p=self.p,
-            fused=bool(self.jit_compile),
         )
 
 
