@@ -15,6 +15,10 @@ without momentum (the optimizer holds no slots):
   sam          SAMModel
   asam         ASAMModel, element-wise
   asam_filter  ASAMModel(normalization="filterwise")
+  sam_skip     SAMModel(non_finite_step="skip")
+  asam_skip    ASAMModel(non_finite_step="skip"): no clean-gradient fallback
+               when L(w + eps) is not finite (the update is skipped), so
+               nothing needs g after the perturbed pass
   gsam         ASAMModel(gsam_alpha=0.3): keeps g for the descent direction
   looksam      ASAMModel(looksam_alpha=0.5, asam_every=5): keeps g_v, a
                variable the size of the weights
@@ -86,7 +90,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "gsam", "looksam"]
+VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "sam_skip",
+            "asam_skip", "gsam", "looksam"]
 MODES = ["tf", "rss", "rss_pool"]
 GSAM_ALPHA = 0.3
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.5, 5
@@ -97,6 +102,7 @@ QUICK_LAYERS = [64, 512, 1024, 1024, 256]
 # perturbed steps g_v = g_adv - (g . g_adv / ||g||^2) g needs both g and
 # g_adv) and g_v, its state.
 ALLOWED_OVER_FLOOR = {"sam": 1.1, "asam": 1.1, "asam_filter": 1.1,
+                      "sam_skip": 1.1, "asam_skip": 1.1,
                       "gsam": 2.1, "looksam": 3.1}
 QUANTITIES = ["state", "step", "kept", "first"]
 
@@ -207,6 +213,10 @@ def child(config):
         "asam": lambda: keras_asam.ASAMModel(inner),
         "asam_filter": lambda: keras_asam.ASAMModel(
             inner, normalization="filterwise"),
+        "sam_skip": lambda: keras_asam.SAMModel(
+            inner, non_finite_step="skip"),
+        "asam_skip": lambda: keras_asam.ASAMModel(
+            inner, non_finite_step="skip"),
         "gsam": lambda: keras_asam.ASAMModel(inner, gsam_alpha=GSAM_ALPHA),
         "looksam": lambda: keras_asam.ASAMModel(
             inner, looksam_alpha=LOOKSAM_ALPHA, asam_every=LOOKSAM_EVERY),

@@ -60,6 +60,54 @@ def all_reduce_sum(tensors):
     return result
 
 
+def all_replicas(flag):
+    """`True` where `flag` (a boolean scalar) holds on every replica.
+
+    Called in replica context, outside any conditional.
+    """
+    if num_replicas() == 1:
+        return flag
+    failures = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(flag), tf.float32)
+    )
+    return tf.equal(failures, 0.0)
+
+
+def apply_gradients_if(condition, optimizer, gradients, variables):
+    """`optimizer.apply_gradients(zip(gradients, variables))` if
+    `condition`, else nothing: the optimizer's state (`iterations`, slots)
+    stays as it was.
+
+    `condition` must be the same on every replica (`all_replicas`). Under a
+    strategy that synchronises through `merge_call` the conditional runs in
+    cross-replica context, as `keras.optimizers.LossScaleOptimizer` does:
+    `tf.distribute` allows no conditional around `merge_call` in replica
+    context.
+    """
+    pairs = list(zip(gradients, variables))
+
+    def apply(pairs):
+        optimizer.apply_gradients(pairs)
+
+    if (not tf.distribute.has_strategy()
+            or tf.__internal__.distribute.strategy_supports_no_merge_call()):
+        tf.cond(condition, lambda: apply(pairs), lambda: None)
+        return
+
+    def cross_replica(distribution, condition, pairs):
+        # The same value on every replica: take the first.
+        condition = distribution.experimental_local_results(condition)[0]
+
+        def apply_on_each_replica():
+            distribution.extended.call_for_each_replica(apply, args=(pairs,))
+
+        tf.cond(condition, apply_on_each_replica, lambda: None)
+
+    tf.distribute.get_replica_context().merge_call(
+        cross_replica, args=(condition, pairs)
+    )
+
+
 # -- MultiWorkerMirroredStrategy workarounds ---------------------------------
 #
 # Plain `fit` fails under MultiWorkerMirroredStrategy in Keras 3 up to at

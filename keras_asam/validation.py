@@ -10,6 +10,9 @@ import keras
 
 from keras_asam.perturbation import NORMALIZATIONS
 
+# What a step does when the loss at w + eps is not finite.
+NON_FINITE_STEPS = ("clean_gradient", "skip")
+
 
 def _is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -67,6 +70,18 @@ def check_normalization(normalization):
             f"Received: normalization={normalization!r}"
         )
     return normalization
+
+
+def check_non_finite_step(non_finite_step):
+    """`non_finite_step`, one of `NON_FINITE_STEPS`."""
+    if not isinstance(non_finite_step, str) or (
+        non_finite_step not in NON_FINITE_STEPS
+    ):
+        raise ValueError(
+            f"`non_finite_step` must be one of {NON_FINITE_STEPS}. "
+            f"Received: non_finite_step={non_finite_step!r}"
+        )
+    return non_finite_step
 
 
 def check_p(p):

@@ -36,6 +36,22 @@ class StepHelpers:
     def _has_step_schedule(self):
         return not (self.asam_every == 1 and self.asam_probability == 1.0)
 
+    def _skips_non_finite(self):
+        """Whether a perturbed step skips its update where L(w + eps) is
+        not finite: `non_finite_step="skip"`, except under a
+        `LossScaleOptimizer`, which skips non-finite steps itself (then the
+        step hands it g_adv as is with either setting)."""
+        return self.non_finite_step == "skip" and not isinstance(
+            self.optimizer, keras.optimizers.LossScaleOptimizer
+        )
+
+    def _falls_back_to_clean(self):
+        """Whether g replaces g_adv where L(w + eps) is not finite
+        (`non_finite_step="clean_gradient"`, no `LossScaleOptimizer`)."""
+        return self.non_finite_step == "clean_gradient" and not isinstance(
+            self.optimizer, keras.optimizers.LossScaleOptimizer
+        )
+
     def _perturbed_mask(self, variables):
         """Which of `variables` the ascent moves (`perturb=`)."""
         return selection.selected(self.perturb, self, variables)

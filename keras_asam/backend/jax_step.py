@@ -145,8 +145,9 @@ class JaxTrainStep(CommonTrainStep):
             gradients, adversarial, adversarial_loss, run,
             new_non_trainable, optimizer_variables,
         )
-        trainable, optimizer_variables = self.optimizer.stateless_apply(
-            optimizer_variables, descent, trainable
+        trainable, optimizer_variables = self._apply(
+            optimizer_variables, descent, trainable,
+            adversarial_loss if run else None,
         )
         steps = self._nt_index(self._train_steps)
         new_non_trainable[steps] = non_trainable[steps] + 1
@@ -305,10 +306,29 @@ class JaxTrainStep(CommonTrainStep):
         return (loss, y_pred, list(state), metrics_variables, gradients,
                 adversarial, loss + sharpness)
 
+    def _apply(self, optimizer_variables, descent, trainable,
+               adversarial_loss):
+        """The optimizer's update; with `non_finite_step="skip"` none (the
+        values as they were) where `adversarial_loss` is not finite."""
+        def apply(values):
+            optimizer_variables, trainable = values
+            return self.optimizer.stateless_apply(
+                optimizer_variables, descent, trainable
+            )
+
+        values = (optimizer_variables, trainable)
+        if adversarial_loss is None or not self._skips_non_finite():
+            return apply(values)
+        return jax.lax.cond(
+            jnp.isfinite(adversarial_loss), apply,
+            lambda values: (values[1], values[0]), values,
+        )
+
     def _finite_or_clean(self, adversarial, gradients, adversarial_loss):
         """g_adv, or g where L(w + eps) is not finite (a select). Under a
-        `LossScaleOptimizer` g_adv as is: it skips non-finite steps."""
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        `LossScaleOptimizer` or with `non_finite_step="skip"` g_adv as is:
+        the update is skipped instead (`_apply`)."""
+        if not self._falls_back_to_clean():
             return adversarial
         finite = jnp.isfinite(adversarial_loss)
         return [jnp.where(finite, ga, g)

@@ -73,7 +73,18 @@ class TensorFlowTrainStep(StepHelpers):
         descent = self._descent_direction(
             gradients, adversarial, adversarial_loss, run
         )
-        self.optimizer.apply_gradients(zip(descent, variables))
+        if run is not False and self._skips_non_finite():
+            # `non_finite_step="skip"`: no update anywhere if L(w + eps) is
+            # not finite on some replica.
+            finite = tf.math.is_finite(adversarial_loss)
+            if run is not True:
+                finite = tf.logical_or(finite, tf.logical_not(run))
+            distribute.apply_gradients_if(
+                distribute.all_replicas(finite), self.optimizer, descent,
+                variables,
+            )
+        else:
+            self.optimizer.apply_gradients(zip(descent, variables))
         self._train_steps.assign_add(1)
 
         self._loss_tracker.update_state(
@@ -349,9 +360,11 @@ class TensorFlowTrainStep(StepHelpers):
         LookSAM or batch splits), the fallback recomputes g in a conditional
         (`recompute`), so g need not stay in memory through pass 2; under
         XLA a select fuses into the update (a conditional costs more than
-        the step there) and keeps g.
+        the step there) and keeps g. With `non_finite_step="skip"` the
+        adversarial gradient goes on as is and the step skips the update
+        (`train_step`), so nothing keeps g.
         """
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        if not self._falls_back_to_clean():
             return adversarial
         finite = tf.math.is_finite(adversarial_loss)
         like = [None if g_adv is None or g is None else g_adv

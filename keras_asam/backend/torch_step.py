@@ -87,8 +87,11 @@ class TorchTrainStep(CommonTrainStep):
         descent = self._descent_direction(
             gradients, adversarial, adversarial_loss, run
         )
+        skip = (run and self._skips_non_finite()
+                and not bool(torch.isfinite(adversarial_loss)))
         with torch.no_grad():
-            self.optimizer.apply(descent, variables)
+            if not skip:
+                self.optimizer.apply(descent, variables)
             self._train_steps.assign_add(1)
         self.zero_grad()
 
@@ -132,7 +135,7 @@ class TorchTrainStep(CommonTrainStep):
                     v.assign(value)
                 for v, value in zip(state, saved_state):
                     v.assign(value)
-        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        if self._falls_back_to_clean():
             finite = torch.isfinite(adversarial_loss)
             adversarial = [
                 None if ga is None or g is None else torch.where(finite, ga, g)
