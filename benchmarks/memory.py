@@ -22,6 +22,7 @@ without momentum (the optimizer holds no slots):
   gsam         ASAMModel(gsam_alpha=0.3): keeps g for the descent direction
   looksam      ASAMModel(looksam_alpha=0.5, asam_every=5): keeps g_v, a
                variable the size of the weights
+  gsam_skip, looksam_skip  the same with non_finite_step="skip"
 
 each without and with `jit_compile=True`. Every measurement is one fresh
 process (this script runs itself with `--child`), in one of three modes:
@@ -91,7 +92,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "sam_skip",
-            "asam_skip", "gsam", "looksam"]
+            "asam_skip", "gsam", "looksam", "gsam_skip", "looksam_skip"]
 MODES = ["tf", "rss", "rss_pool"]
 GSAM_ALPHA = 0.3
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.5, 5
@@ -103,7 +104,8 @@ QUICK_LAYERS = [64, 512, 1024, 1024, 256]
 # g_adv) and g_v, its state.
 ALLOWED_OVER_FLOOR = {"sam": 1.1, "asam": 1.1, "asam_filter": 1.1,
                       "sam_skip": 1.1, "asam_skip": 1.1,
-                      "gsam": 2.1, "looksam": 3.1}
+                      "gsam": 2.1, "looksam": 3.1, "gsam_skip": 2.1,
+                      "looksam_skip": 3.1}
 QUANTITIES = ["state", "step", "kept", "first"]
 
 
@@ -220,6 +222,11 @@ def child(config):
         "gsam": lambda: keras_asam.ASAMModel(inner, gsam_alpha=GSAM_ALPHA),
         "looksam": lambda: keras_asam.ASAMModel(
             inner, looksam_alpha=LOOKSAM_ALPHA, asam_every=LOOKSAM_EVERY),
+        "gsam_skip": lambda: keras_asam.ASAMModel(
+            inner, gsam_alpha=GSAM_ALPHA, non_finite_step="skip"),
+        "looksam_skip": lambda: keras_asam.ASAMModel(
+            inner, looksam_alpha=LOOKSAM_ALPHA, asam_every=LOOKSAM_EVERY,
+            non_finite_step="skip"),
     }[config["variant"]]()
     model.compile(
         optimizer=keras.optimizers.SGD(0.01),  # no momentum: no slots

@@ -166,7 +166,8 @@ def perturbed(
       pass with `training=False` if you accept that it then uses the moving
       statistics and no dropout (a different loss than `ASAMModel`'s).
     - The non-finite fallback. `ASAMModel` descends with the clean gradient
-      when L(w + eps) is not finite (a huge `rho`). Here you get whatever
+      when L(w + eps) is not finite (a huge `rho`), or with
+      `non_finite_step="skip"` applies no update. Here you get whatever
       the perturbed pass gives; check `tf.math.is_finite(loss)` yourself.
       (eps itself is 0 when `gradients` are not finite.)
     - Metrics. Compute loss and metrics from the clean pass, at w; values

@@ -78,6 +78,38 @@ for name, options in variants.items():
                              "loss": history["loss"][0],
                              "sharpness": history["sharpness"][0]}
 
+# non_finite_step="skip": rho per epoch (one batch each) 0.05, 1e30, 0.05
+# with SGD(momentum=0.9): the middle step's loss at w + eps overflows, so it
+# leaves the weights, the momentum and `iterations` as they were.
+class RhoPerEpoch(keras.callbacks.Callback):
+    def __init__(self, rhos):
+        super().__init__()
+        self.rhos = rhos
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.rho = self.rhos[epoch]
+
+
+OUT["non_finite_skip"] = {}
+for name, rhos in {"middle": [0.05, 1e30, 0.05], "all": [1e30, 1e30]}.items():
+    model = keras_asam.SAMModel(*mlp(), non_finite_step="skip")
+    model.wrapped_model.set_weights(W0)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss="mse")
+    model.fit(X, Y, batch_size=16, epochs=len(rhos), shuffle=False,
+              verbose=0, callbacks=[RhoPerEpoch(rhos)])
+    OUT["non_finite_skip"][name] = {
+        "weights": weights(model),
+        "iterations": int(keras.ops.convert_to_numpy(
+            model.optimizer.iterations)),
+        "train_steps": model.train_steps,
+        # Zero in each of the 4 momentum slots.
+        "momentum_zero": [
+            not np.any(keras.ops.convert_to_numpy(v))
+            for v in model.optimizer.variables
+            if v.path.endswith("momentum")] == [True] * 4,
+    }
+
 # perturb=: the ascent moves the selected variables only (eps = 0 and out
 # of the norm for the others); every variable still descends along g_adv.
 perturb_cases = {

@@ -126,6 +126,50 @@ try:
 except ValueError as error:
     results["splits_sync_error"] = str(error)
 
+# non_finite_step, one SAM step with sync_perturbation=False on rows that
+# make L(w + eps) overflow on replica 1 only: "clean_gradient" averages
+# replica 0's g_adv with replica 1's g; "skip" updates nothing anywhere.
+def exponential():
+    keras.utils.set_random_seed(2)
+    return keras.Sequential([keras.Input((6,)),
+                             keras.layers.Dense(2, activation="exponential")])
+
+
+X_OVERFLOW = np.concatenate([0.01 * X[:8], 3.0 * X[8:]])
+OVERFLOW = dict(rho=10.0, adaptive=False)
+for mode in ("clean_gradient", "skip"):
+    with mirrored.scope():
+        model = ASAMModel(exponential(), non_finite_step=mode, **OVERFLOW)
+        model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
+                      loss="mse")
+    weights = [v.numpy() for v in model.trainable_variables]
+    logs = model.fit(X_OVERFLOW, Y, batch_size=16, epochs=1, shuffle=False,
+                     verbose=0).history
+    after = [v.numpy() for v in model.trainable_variables]
+    result = {
+        "changed": max_diff(weights, after),
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "train_steps": model.train_steps,
+        "replicas": replicas_identical(
+            mirrored, model.trainable_variables + model.optimizer.variables),
+        # Zero in each of the 2 momentum slots.
+        "momentum_zero": [
+            not np.any(v.numpy()) for v in model.optimizer.variables
+            if v.path.endswith("momentum")] == [True] * 2,
+        "loss_finite": bool(np.isfinite(logs["loss"]).all()),
+    }
+    if mode == "clean_gradient":
+        halves = [reference.asam_gradients(exponential(), weights,
+                                           X_OVERFLOW[rows], Y[rows], mse,
+                                           **OVERFLOW)
+                  for rows in (slice(0, 8), slice(8, 16))]
+        result["adv_loss_finite"] = [bool(np.isfinite(h["adv_loss"]))
+                                     for h in halves]
+        expected = [w - LR * (a + b) / 2 for w, a, b in zip(
+            weights, halves[0]["adv_grads"], halves[1]["grads"])]
+        result["vs_reference"] = max_diff(after, expected)
+    results["non_finite_" + mode] = result
+
 # 20 steps: replicas' copies of weights and optimizer slots stay identical,
 # also with a schedule that skips the perturbed pass on some steps, and with
 # every control and variant.

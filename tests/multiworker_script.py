@@ -19,6 +19,8 @@ parser.add_argument("--output", required=True)
 parser.add_argument("--sync", action="store_true")
 parser.add_argument("--asam-every", type=int, default=1)
 parser.add_argument("--looksam-alpha", type=float, default=0.0)
+parser.add_argument("--rho", type=float, default=0.5)
+parser.add_argument("--non-finite-step", default="clean_gradient")
 args = parser.parse_args()
 
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -42,9 +44,10 @@ with strategy.scope():
     inner = keras.Sequential([keras.Input((6,)),
                               keras.layers.Dense(8, activation="tanh"),
                               keras.layers.Dense(2)])
-    model = ASAMModel(inner, rho=0.5, sync_perturbation=args.sync,
+    model = ASAMModel(inner, rho=args.rho, sync_perturbation=args.sync,
                       asam_every=args.asam_every,
-                      looksam_alpha=args.looksam_alpha)
+                      looksam_alpha=args.looksam_alpha,
+                      non_finite_step=args.non_finite_step)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                   loss="mse")
 history = model.fit(dataset, epochs=2, verbose=0).history
@@ -58,5 +61,6 @@ np.savez(
     loss=np.array(history["loss"]),
     sharpness=np.array(history["sharpness"]),
     iterations=np.array(int(model.optimizer.iterations.numpy())),
+    train_steps=np.array(model.train_steps),
 )
 print("DONE", index)

@@ -309,6 +309,26 @@ def test_nonfinite_perturbed_loss_falls_back_to_clean_gradient(run):
     assert_weights(run["one_step"]["nonfinite"]["weights"], step(w, g))
 
 
+def test_skip_leaves_out_only_the_non_finite_step(run):
+    # SGD(0.1, momentum=0.9), rho 0.05, 1e30, 0.05: Keras' momentum update
+    # v <- 0.9 v - 0.1 d, w <- w + v on the first and third steps only.
+    w, x, y = data(run)
+    velocity = [np.zeros_like(a) for a in w]
+    for rho in (0.05, 0.05):
+        _, _, _, g_adv = adversarial(w, x, y, rho=rho, adaptive=False)
+        velocity = [0.9 * v - LR * d for v, d in zip(velocity, g_adv)]
+        w = [a + v for a, v in zip(w, velocity)]
+    middle = run["non_finite_skip"]["middle"]
+    assert_weights(middle["weights"], w)
+    assert middle["iterations"] == 2 and middle["train_steps"] == 3
+    # Every step skipped: weights bitwise as they were, momentum zero.
+    skipped = run["non_finite_skip"]["all"]
+    for got, want in zip(skipped["weights"], run["data"]["w0"]):
+        np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    assert skipped["iterations"] == 0 and skipped["train_steps"] == 2
+    assert skipped["momentum_zero"]
+
+
 @pytest.mark.parametrize("name", list(TRAJECTORIES))
 def test_trajectories_pick_the_same_steps_as_tensorflow(run, name):
     options = dict(TRAJECTORIES[name])

@@ -73,3 +73,18 @@ def test_replicas_stay_bitwise_identical_for_20_steps(mirrored_results, run):
     assert run["own_state"] == 0.0
     # LookSAM's stored direction is set (and identical on both replicas).
     assert run["own_state_set"] == name.startswith("looksam")
+
+
+@pytest.mark.slow
+def test_non_finite_step_when_one_replica_overflows(mirrored_results):
+    clean = mirrored_results["non_finite_clean_gradient"]
+    # The setting: L(w + eps) overflows on replica 1 only.
+    assert clean["adv_loss_finite"] == [True, False]
+    # Replica 0 descends with g_adv, replica 1 with its clean g.
+    assert clean["vs_reference"] <= 1e-5
+    assert clean["iterations"] == 1 and clean["replicas"] == 0.0
+    # "skip": no replica updates; weights bitwise, momentum zero.
+    skip = mirrored_results["non_finite_skip"]
+    assert skip["changed"] == 0.0 and skip["momentum_zero"]
+    assert skip["iterations"] == 0 and skip["train_steps"] == 1
+    assert skip["replicas"] == 0.0 and skip["loss_finite"]

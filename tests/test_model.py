@@ -250,7 +250,8 @@ def test_save_and_load_round_trip(tmp_path, mode):
 def test_config_has_every_constructor_argument():
     config = _wrapped(rho=0.3).get_config()
     for key in ("rho", "eta", "adaptive", "normalization", "p",
-                "sync_perturbation", "keep_perturbed_state", "model", "name"):
+                "sync_perturbation", "keep_perturbed_state",
+                "non_finite_step", "model", "name"):
         assert key in config
 
 
@@ -322,6 +323,9 @@ def test_rho_scheduler_rejects_bad_value_before_training_changes():
         (dict(p=1), ValueError, "p=1"),
         (dict(adaptive="yes"), TypeError, "adaptive='yes'"),
         (dict(sync_perturbation=1), TypeError, "sync_perturbation=1"),
+        (dict(non_finite_step="zero"), ValueError,
+         "non_finite_step='zero'"),
+        (dict(non_finite_step=None), ValueError, "non_finite_step=None"),
     ],
 )
 def test_bad_hyperparameters_raise_at_construction(kwargs, error, text):

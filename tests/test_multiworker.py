@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 from multiworker import free_ports  # noqa: E402  (the example's launcher)
 
 
-def _run_workers(output, sync, every=1, looksam=0.0):
+def _run_workers(output, sync, every=1, looksam=0.0, extra=()):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = []
@@ -29,6 +29,7 @@ def _run_workers(output, sync, every=1, looksam=0.0):
                 "--output", str(output), "--asam-every", str(every),
                 "--looksam-alpha", str(looksam)]
         args += ["--sync"] if sync else []
+        args += list(extra)
         processes.append(subprocess.Popen(
             args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True))
@@ -81,3 +82,24 @@ def test_two_workers_end_identical(tmp_path, sync, every, looksam):
         # Synced perturbation across workers is the single-device step.
         for key, want in zip(weights, _single_device_weights(sync=True)):
             np.testing.assert_allclose(first[key], want, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_workers_skip_non_finite_steps(tmp_path):
+    # rho = 1e30: L(w + eps) overflows on every step of both workers, so
+    # with non_finite_step="skip" neither applies an update.
+    first, second = _run_workers(
+        tmp_path, sync=False,
+        extra=["--rho", "1e30", "--non-finite-step", "skip"])
+    keras.utils.set_random_seed(0)
+    initial = keras.Sequential([keras.Input((6,)),
+                                keras.layers.Dense(8, activation="tanh"),
+                                keras.layers.Dense(2)]).get_weights()
+    weights = sorted(k for k in first if k.startswith("arr_"))
+    for key, want in zip(weights, initial):
+        np.testing.assert_array_equal(first[key], want, err_msg=key)
+        np.testing.assert_array_equal(second[key], want, err_msg=key)
+    for result in (first, second):
+        assert int(result["iterations"]) == 0
+        assert int(result["train_steps"]) == 8
+        assert np.isfinite(result["loss"]).all()

@@ -288,6 +288,79 @@ def test_huge_rho_falls_back_to_the_clean_gradient(jit):
                                    atol=1e-6)
 
 
+class _RhoPerBatch(keras.callbacks.Callback):
+    """Sets `model.rho` before each batch."""
+
+    def __init__(self, rhos):
+        super().__init__()
+        self.rhos = rhos
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.rho = self.rhos[batch]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_skip_leaves_out_only_the_non_finite_step(jit):
+    # Three batches; rho 1e30 on the second makes L(w + eps) overflow there.
+    x, y = _data(48)
+    model = SAMModel(_mlp(), non_finite_step="skip")
+    weights = _weights(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss="mse", jit_compile=jit)
+    logs = model.fit(x, y, batch_size=16, shuffle=False, verbose=0,
+                     callbacks=[_RhoPerBatch([0.05, 1e30, 0.05])]).history
+    # Keras' momentum update v <- 0.9 v - 0.1 d, w <- w + v, on the first
+    # and third batches only, d from the NumPy reference.
+    velocity = [np.zeros_like(w) for w in weights]
+    for rows in (slice(0, 16), slice(32, 48)):
+        step = reference.asam_gradients(_mlp(), weights, x[rows], y[rows],
+                                        _mse, rho=0.05, adaptive=False)
+        velocity = [0.9 * v - 0.1 * d
+                    for v, d in zip(velocity, step["adv_grads"])]
+        weights = [w + v for w, v in zip(weights, velocity)]
+    _assert_weights(model, weights)
+    assert int(model.optimizer.iterations.numpy()) == 2
+    assert model.train_steps == 3
+    assert np.isfinite(logs["loss"]).all()
+
+
+@pytest.mark.parametrize("options, jit", [
+    (dict(), False), (dict(), True), (dict(gsam_alpha=0.3), True),
+    (dict(num_batch_splits=2), False), (dict(adaptive=True), True),
+], ids=["sam", "sam_xla", "gsam_xla", "splits", "asam_xla"])
+def test_skip_on_every_step_changes_nothing(options, jit):
+    x, y = _data()
+    model = SAMModel(_mlp(), rho=1e30, non_finite_step="skip", **options)
+    weights = _weights(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss="mse", jit_compile=jit)
+    model.optimizer.build(model.trainable_variables)
+    slots = [v.numpy().copy() for v in model.optimizer.variables]
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    for before, v in zip(weights, model.trainable_variables):
+        np.testing.assert_array_equal(before, v.numpy())
+    # iterations 0, momentum 0, learning rate: as built.
+    assert len(slots) == 2 + len(weights)
+    for before, v in zip(slots, model.optimizer.variables):
+        np.testing.assert_array_equal(before, v.numpy())
+    assert model.train_steps == 4
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_skip_is_the_default_step_where_the_loss_is_finite(jit):
+    x, y = _data(32)
+    results = []
+    for non_finite_step in ("clean_gradient", "skip"):
+        model = ASAMModel(_mlp(), non_finite_step=non_finite_step, **VARIANT)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      loss="mse", jit_compile=jit)
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        results.append(_weights(model))
+    # The same arithmetic; XLA may fuse the two graphs differently.
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_zero_gradient_step_is_a_plain_step():
     x = np.zeros((8, 6), "float32")
     y = np.zeros((8, 2), "float32")

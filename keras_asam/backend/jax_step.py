@@ -11,6 +11,9 @@ variables. One step is
                                                 nothing assigned or restored)
     d         = direction(g, g_adv)            (SAM; GSAM; LookSAM)
     w, opt    = optimizer.stateless_apply(opt, d, w)
+                                               (w, opt as they were where
+                                                L(w + eps) is not finite with
+                                                non_finite_step="skip")
 
 The perturbed pass starts from the non-trainable values the clean pass
 returned (as on TensorFlow). Its changes to float non-trainable values

@@ -8,7 +8,8 @@ Read top to bottom, one step is
     eps       = ascent(g on the selected variables, rho_t)   perturbation.py
     g_adv     = grad L(w + eps)                     (perturbed pass, restore w)
     d         = direction(g, g_adv)                 (SAM; GSAM; LookSAM)
-    optimizer.apply(d)
+    optimizer.apply(d)                  (none where L(w + eps) is not finite
+                                         with non_finite_step="skip")
 
 With `num_batch_splits = n`, the clean and perturbed passes run for each of
 n parts of the batch inside one `tf.while_loop`; g and g_adv are the

@@ -9,7 +9,9 @@ Mirrors `keras/src/backend/torch/trainer.py`. One step is
     g_adv     = grad L(w + eps)                (grads zeroed before the pass)
     w         = the saved copy                 (restored, never w - eps)
     d         = direction(g, g_adv)            (SAM; GSAM; LookSAM)
-    optimizer.apply(d)                         under no_grad
+    optimizer.apply(d)                         under no_grad (not where
+                                               L(w + eps) is not finite with
+                                               non_finite_step="skip")
 
 The ascent touches no optimizer state. Metric variables, and unless
 `keep_perturbed_state` the float non-trainable variables (BatchNorm moving
