@@ -70,6 +70,8 @@ variants = {
     "asam_pinf": dict(rho=0.05, p=float("inf")),
     "gsam": dict(rho=0.05, adaptive=False, gsam_alpha=0.3),
     "nonfinite": dict(rho=1e30, adaptive=False),
+    "gsam_kernels": dict(rho=0.05, adaptive=False, gsam_alpha=0.3,
+                         perturb=[r"kernel$"]),
 }
 OUT["one_step"] = {}
 for name, options in variants.items():
@@ -245,6 +247,8 @@ split_cases = {
                        16, True),
     "gsam_3": (dict(rho=0.05, adaptive=False, gsam_alpha=0.3,
                     num_batch_splits=3), 16, False),
+    "asam_3_kernels": (dict(rho=0.5, num_batch_splits=3,
+                            perturb=[r"kernel$"]), 16, False),
 }
 OUT["splits"] = {}
 for name, (options, batch, weighted) in split_cases.items():

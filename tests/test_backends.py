@@ -294,13 +294,16 @@ def test_no_trainable_weights_raises_before_training(run):
     assert frozen["unchanged"]
 
 
-def test_gsam_one_step(run):
+@pytest.mark.parametrize("name, mask", [
+    ("gsam", None), ("gsam_kernels", [True, False, True, False])])
+def test_gsam_one_step(run, name, mask):
     w, x, y = data(run)
-    _, g, _, g_adv = adversarial(w, x, y, rho=0.05, adaptive=False)
+    _, g, _, g_adv = adversarial(w, x, y, rho=0.05, adaptive=False,
+                                 mask=mask)
     coefficient = dot(g, g_adv) / (dot(g_adv, g_adv) + 1e-12)
     direction = [ga - 0.3 * (gc - coefficient * ga)
                  for gc, ga in zip(g, g_adv)]
-    assert_weights(run["one_step"]["gsam"]["weights"], step(w, direction))
+    assert_weights(run["one_step"][name]["weights"], step(w, direction))
 
 
 def test_nonfinite_perturbed_loss_falls_back_to_clean_gradient(run):
@@ -378,6 +381,9 @@ SPLITS = {  # name: (variant, splits, batch, sample weights)
     "sam_20": (dict(rho=0.05, adaptive=False), 20, 16, False),  # 16 of 1
     "asam_4_of_7": (dict(rho=0.5), 4, 7, False),  # 2, 2, 2, 1
     "sam_3_weighted": (dict(rho=0.05, adaptive=False), 3, 16, True),
+    # perturb= with splits: each part's ascent on the kernels only.
+    "asam_3_kernels": (dict(rho=0.5, mask=[True, False, True, False]), 3,
+                       16, False),
 }
 
 
