@@ -74,7 +74,11 @@ class StepHelpers:
         )
 
     def _warn_about_batchnorm(self):
-        """`num_batch_splits` with BatchNormalization: say what happens."""
+        """`num_batch_splits` with BatchNormalization: say what happens
+        (once per model: the eager PyTorch step calls this every step)."""
+        if getattr(self, "_batchnorm_checked", False):
+            return
+        object.__setattr__(self, "_batchnorm_checked", True)
         has_batchnorm = any(
             isinstance(layer, keras.layers.BatchNormalization)
             for layer in self._flatten_layers(include_self=False)
