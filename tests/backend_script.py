@@ -469,6 +469,16 @@ if keras.backend.backend() == "jax":
                                  sync_perturbation=True)
         OUT["distributed"]["asam_3"] = {"weights": weights(model),
                                         "loss": history["loss"][0]}
+        # non_finite_step="skip": the same step where L(w + eps) is finite,
+        # no update on any device where it is not.
+        for name, options in {"skip_finite": dict(rho=0.5),
+                              "skip_all": dict(rho=1e30,
+                                               adaptive=False)}.items():
+            model, _ = trained(steps=2, non_finite_step="skip", **options)
+            OUT["distributed"][name] = {
+                "weights": weights(model),
+                "iterations": int(keras.ops.convert_to_numpy(
+                    model.optimizer.iterations))}
         keras.distribution.set_distribution(None)
 
 print(json.dumps(OUT, default=lambda v: None if not math.isfinite(v) else v))

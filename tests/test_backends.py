@@ -479,6 +479,19 @@ def test_jax_data_parallel_equals_single_device_step(jax_run):
     _, g_adv, _ = split_adversarial(w, x, y, 3, rho=0.5)
     assert_weights(jax_run["distributed"]["asam_3"]["weights"],
                    step(w, g_adv))
+    # non_finite_step="skip": two ASAM steps where everything is finite;
+    # nothing where L(w + eps) overflows on every step.
+    expected = w
+    for _ in range(2):
+        _, _, _, g_adv = adversarial(expected, x, y, rho=0.5)
+        expected = step(expected, g_adv)
+    finite = jax_run["distributed"]["skip_finite"]
+    assert_weights(finite["weights"], expected)
+    assert finite["iterations"] == 2
+    skipped = jax_run["distributed"]["skip_all"]
+    for got, want in zip(skipped["weights"], jax_run["data"]["w0"]):
+        np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    assert skipped["iterations"] == 0
 
 
 # -- mixed precision ----------------------------------------------------------
