@@ -19,6 +19,8 @@ one compiled training step of:
   asam_split8  ASAMModel(num_batch_splits=8)
   asam_split_b ASAMModel(num_batch_splits=batch size): 1-SAM, one example
                per part, `--split-b-steps` steps per round (it is slow)
+  asam_skip    ASAMModel(non_finite_step="skip"): the update in a
+               conditional that skips it where L(w + eps) is not finite
 
 for a CNN with BatchNorm on CIFAR-shaped data (32x32x3, batch 128) and an MLP,
 each at two widths, with and without `jit_compile`. A callback brackets each
@@ -97,7 +99,7 @@ except ImportError:  # A TensorFlow-only version of the library.
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "asam_every2",
             "asam_every5", "asam_norm", "gsam", "looksam5", "asam_split2",
-            "asam_split8", "asam_split_b"]
+            "asam_split8", "asam_split_b", "asam_skip"]
 # The default variants of `--backends`.
 BACKEND_VARIANTS = ["base", "floor", "sam", "asam"]
 # The columns of the two step-time tables.
@@ -123,7 +125,8 @@ RATIO_TABLES = [
      ("asam_norm/asam", "asam_norm", "asam"),
      ("asam_split2/asam", "asam_split2", "asam"),
      ("asam_split8/asam", "asam_split8", "asam"),
-     ("asam_split_b/asam", "asam_split_b", "asam")],
+     ("asam_split_b/asam", "asam_split_b", "asam"),
+     ("asam_skip/asam", "asam_skip", "asam")],
 ]
 
 
@@ -301,6 +304,8 @@ def build(variant, architecture, width, jit, batch_size=128):
             inner, num_batch_splits=splits),
         "asam_split_b": lambda: keras_asam.ASAMModel(
             inner, num_batch_splits=splits),
+        "asam_skip": lambda: keras_asam.ASAMModel(
+            inner, non_finite_step="skip"),
     }[variant]()
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
