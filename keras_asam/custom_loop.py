@@ -167,7 +167,8 @@ def perturbed(
       statistics and no dropout (a different loss than `ASAMModel`'s).
     - The non-finite fallback. `ASAMModel` descends with the clean gradient
       when L(w + eps) is not finite (a huge `rho`), or with
-      `non_finite_step="skip"` applies no update. Here you get whatever
+      `non_finite_step="skip"` applies no update (also where g_adv is not
+      finite). Here you get whatever
       the perturbed pass gives; check `tf.math.is_finite(loss)` yourself.
       (eps itself is 0 when `gradients` are not finite.)
     - Metrics. Compute loss and metrics from the clean pass, at w; values

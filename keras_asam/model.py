@@ -90,14 +90,14 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             finite (a `rho` too large for the model, an overflow):
             `"clean_gradient"` (default) descends with the clean gradient g
             instead of g_adv; `"skip"` leaves the weights and the optimizer
-            as they were (on every replica), as a `LossScaleOptimizer` does
-            with non-finite gradients. With SAM and ASAM under
+            as they were (on every replica) where L(w + eps) or the descent
+            direction is not finite, as a `LossScaleOptimizer` does with
+            non-finite gradients. With SAM and ASAM under
             `jit_compile=True`, `"skip"` lets XLA drop g before the
-            perturbed pass: peak memory 0.3-0.45x the parameter bytes
-            lower. GSAM keeps g anyway; with it XLA's conditional around
-            the update costs about 1.4x the parameter bytes more (the
-            README's cost section). Under a `LossScaleOptimizer` the step
-            hands g_adv to it either way, and it skips the step.
+            perturbed pass: peak memory about 0.35x the parameter bytes
+            lower (the README's cost section). Under a
+            `LossScaleOptimizer` the step hands g_adv to it either way, and
+            it skips the step.
         asam_every: Integer >= 1. Run the perturbed pass only on steps where
             `model.train_steps % asam_every == 0`; other steps are plain
             base-optimizer steps (Composer's `SAM(interval=k)`). Defaults to

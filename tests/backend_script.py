@@ -112,6 +112,24 @@ for name, rhos in {"middle": [0.05, 1e30, 0.05], "all": [1e30, 1e30]}.items():
             if v.path.endswith("momentum")] == [True] * 4,
     }
 
+# "skip" also where only the direction is not finite: sqrt(|z|) at z = 0
+# gives a finite loss and NaN gradients for the first kernel.
+keras.utils.set_random_seed(0)
+inner = keras.Sequential([
+    keras.Input((2,)), keras.layers.Dense(3, use_bias=False),
+    keras.layers.Lambda(lambda t: keras.ops.sqrt(keras.ops.abs(t))),
+    keras.layers.Dense(1)])
+model = keras_asam.SAMModel(inner, non_finite_step="skip")
+before = weights(model)
+model.compile(optimizer="sgd", loss="mse")
+history = model.fit(np.zeros((8, 2), "float32"), np.ones((8, 1), "float32"),
+                    verbose=0)
+OUT["non_finite_skip"]["direction"] = {
+    "unchanged": weights(model) == before,
+    "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+    "loss_finite": bool(np.isfinite(history.history["loss"]).all()),
+}
+
 # perturb=: the ascent moves the selected variables only (eps = 0 and out
 # of the norm for the others); every variable still descends along g_adv.
 perturb_cases = {

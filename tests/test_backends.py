@@ -330,6 +330,10 @@ def test_skip_leaves_out_only_the_non_finite_step(run):
         np.testing.assert_array_equal(np.float32(got), np.float32(want))
     assert skipped["iterations"] == 0 and skipped["train_steps"] == 2
     assert skipped["momentum_zero"]
+    # A finite loss with a NaN direction is skipped too.
+    direction = run["non_finite_skip"]["direction"]
+    assert direction["loss_finite"] and direction["unchanged"]
+    assert direction["iterations"] == 0
 
 
 @pytest.mark.parametrize("name", list(TRAJECTORIES))

@@ -347,6 +347,34 @@ def test_skip_on_every_step_changes_nothing(options, jit):
 
 
 @pytest.mark.parametrize("jit", [False, True])
+def test_skip_also_where_only_the_direction_is_not_finite(jit):
+    # sqrt(|z|) at z = 0: a finite loss, NaN gradients for the first kernel
+    # (d sqrt(|z|) / dz = inf * sign(0)). The clean-gradient fallback checks
+    # the loss only and writes NaN; "skip" checks the direction too.
+    x, y = np.zeros((8, 2), "float32"), np.ones((8, 1), "float32")
+    results = {}
+    for non_finite_step in ("clean_gradient", "skip"):
+        keras.utils.set_random_seed(0)
+        inner = keras.Sequential([
+            keras.Input((2,)), keras.layers.Dense(3, use_bias=False),
+            keras.layers.Lambda(lambda t: keras.ops.sqrt(keras.ops.abs(t))),
+            keras.layers.Dense(1)])
+        model = SAMModel(inner, non_finite_step=non_finite_step)
+        weights = _weights(model)
+        model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
+        logs = model.fit(x, y, verbose=0).history
+        assert np.isfinite(logs["loss"]).all()
+        results[non_finite_step] = (weights, _weights(model),
+                                    int(model.optimizer.iterations.numpy()))
+    _, after, _ = results["clean_gradient"]
+    assert np.isnan(after[0]).all()
+    before, after, iterations = results["skip"]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert iterations == 0
+
+
+@pytest.mark.parametrize("jit", [False, True])
 def test_skip_is_the_default_step_where_the_loss_is_finite(jit):
     x, y = _data(32)
     results = []

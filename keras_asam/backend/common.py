@@ -37,13 +37,32 @@ class StepHelpers:
         return not (self.asam_every == 1 and self.asam_probability == 1.0)
 
     def _skips_non_finite(self):
-        """Whether a perturbed step skips its update where L(w + eps) is
-        not finite: `non_finite_step="skip"`, except under a
+        """Whether a perturbed step skips its update where L(w + eps) or
+        the descent direction is not finite: `non_finite_step="skip"`,
+        except under a
         `LossScaleOptimizer`, which skips non-finite steps itself (then the
         step hands it g_adv as is with either setting)."""
         return self.non_finite_step == "skip" and not isinstance(
             self.optimizer, keras.optimizers.LossScaleOptimizer
         )
+
+    def _update_is_finite(self, adversarial_loss, descent):
+        """Scalar boolean: L(w + eps) and every entry of the descent
+        direction are finite (what `non_finite_step="skip"` checks).
+
+        Checking the direction itself, not only the loss, also makes a
+        compiler compute all of it before the conditional around the
+        update: otherwise XLA moves the perturbed pass into the
+        conditional's branch, where XLA:CPU runs convolutions several times
+        slower and keeps more buffers alive.
+        """
+        finite = keras.ops.isfinite(adversarial_loss)
+        for d in descent:
+            if d is not None:
+                finite = keras.ops.logical_and(
+                    finite, keras.ops.all(keras.ops.isfinite(d))
+                )
+        return finite
 
     def _falls_back_to_clean(self):
         """Whether g replaces g_adv where L(w + eps) is not finite

@@ -12,8 +12,8 @@ variables. One step is
     d         = direction(g, g_adv)            (SAM; GSAM; LookSAM)
     w, opt    = optimizer.stateless_apply(opt, d, w)
                                                (w, opt as they were where
-                                                L(w + eps) is not finite with
-                                                non_finite_step="skip")
+                                                L(w + eps) or d is not finite
+                                                with non_finite_step="skip")
 
 The perturbed pass starts from the non-trainable values the clean pass
 returned (as on TensorFlow). Its changes to float non-trainable values
@@ -150,7 +150,8 @@ class JaxTrainStep(CommonTrainStep):
         )
         trainable, optimizer_variables = self._apply(
             optimizer_variables, descent, trainable,
-            adversarial_loss if run else None,
+            self._update_is_finite(adversarial_loss, descent)
+            if run and self._skips_non_finite() else None,
         )
         steps = self._nt_index(self._train_steps)
         new_non_trainable[steps] = non_trainable[steps] + 1
@@ -309,10 +310,9 @@ class JaxTrainStep(CommonTrainStep):
         return (loss, y_pred, list(state), metrics_variables, gradients,
                 adversarial, loss + sharpness)
 
-    def _apply(self, optimizer_variables, descent, trainable,
-               adversarial_loss):
-        """The optimizer's update; with `non_finite_step="skip"` none (the
-        values as they were) where `adversarial_loss` is not finite."""
+    def _apply(self, optimizer_variables, descent, trainable, finite):
+        """The optimizer's update; none (the values as they were) where
+        `finite` (`non_finite_step="skip"`; `None` without it) is false."""
         def apply(values):
             optimizer_variables, trainable = values
             return self.optimizer.stateless_apply(
@@ -320,10 +320,10 @@ class JaxTrainStep(CommonTrainStep):
             )
 
         values = (optimizer_variables, trainable)
-        if adversarial_loss is None or not self._skips_non_finite():
+        if finite is None:
             return apply(values)
         return jax.lax.cond(
-            jnp.isfinite(adversarial_loss), apply,
+            finite, apply,
             lambda values: (values[1], values[0]), values,
         )
 

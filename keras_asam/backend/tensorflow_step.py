@@ -8,8 +8,8 @@ Read top to bottom, one step is
     eps       = ascent(g on the selected variables, rho_t)   perturbation.py
     g_adv     = grad L(w + eps)                     (perturbed pass, restore w)
     d         = direction(g, g_adv)                 (SAM; GSAM; LookSAM)
-    optimizer.apply(d)                  (none where L(w + eps) is not finite
-                                         with non_finite_step="skip")
+    optimizer.apply(d)                  (none where L(w + eps) or d is not
+                                         finite with non_finite_step="skip")
 
 With `num_batch_splits = n`, the clean and perturbed passes run for each of
 n parts of the batch inside one `tf.while_loop`; g and g_adv are the
@@ -75,9 +75,9 @@ class TensorFlowTrainStep(StepHelpers):
             gradients, adversarial, adversarial_loss, run
         )
         if run is not False and self._skips_non_finite():
-            # `non_finite_step="skip"`: no update anywhere if L(w + eps) is
-            # not finite on some replica.
-            finite = tf.math.is_finite(adversarial_loss)
+            # `non_finite_step="skip"`: no update anywhere if L(w + eps) or
+            # the direction is not finite on some replica.
+            finite = self._update_is_finite(adversarial_loss, descent)
             if run is not True:
                 finite = tf.logical_or(finite, tf.logical_not(run))
             distribute.apply_gradients_if(

@@ -10,8 +10,8 @@ Mirrors `keras/src/backend/torch/trainer.py`. One step is
     w         = the saved copy                 (restored, never w - eps)
     d         = direction(g, g_adv)            (SAM; GSAM; LookSAM)
     optimizer.apply(d)                         under no_grad (not where
-                                               L(w + eps) is not finite with
-                                               non_finite_step="skip")
+                                               L(w + eps) or d is not finite
+                                               with non_finite_step="skip")
 
 The ascent touches no optimizer state. Metric variables, and unless
 `keep_perturbed_state` the float non-trainable variables (BatchNorm moving
@@ -90,7 +90,8 @@ class TorchTrainStep(CommonTrainStep):
             gradients, adversarial, adversarial_loss, run
         )
         skip = (run and self._skips_non_finite()
-                and not bool(torch.isfinite(adversarial_loss)))
+                and not bool(self._update_is_finite(adversarial_loss,
+                                                    descent)))
         with torch.no_grad():
             if not skip:
                 self.optimizer.apply(descent, variables)
