@@ -47,22 +47,24 @@ class StepHelpers:
         )
 
     def _update_is_finite(self, adversarial_loss, descent):
-        """Scalar boolean: L(w + eps) and every entry of the descent
-        direction are finite (what `non_finite_step="skip"` checks).
+        """Scalar boolean: L(w + eps) and the descent direction are finite
+        (what `non_finite_step="skip"` checks).
 
-        Checking the direction itself, not only the loss, also makes a
-        compiler compute all of it before the conditional around the
+        The direction is checked through the sum of its entries, one
+        reduction per variable: a NaN or an infinity in any entry makes the
+        sum non-finite; finite entries make it non-finite only if it
+        exceeds the float32 range (about 3.4e38), an update no step should
+        apply either. Checking the direction, not only the loss, also makes
+        a compiler compute all of it before the conditional around the
         update: otherwise XLA moves the perturbed pass into the
         conditional's branch, where XLA:CPU runs convolutions several times
         slower and keeps more buffers alive.
         """
-        finite = keras.ops.isfinite(adversarial_loss)
+        total = keras.ops.cast(adversarial_loss, "float32")
         for d in descent:
             if d is not None:
-                finite = keras.ops.logical_and(
-                    finite, keras.ops.all(keras.ops.isfinite(d))
-                )
-        return finite
+                total = total + keras.ops.cast(keras.ops.sum(d), "float32")
+        return keras.ops.isfinite(total)
 
     def _falls_back_to_clean(self):
         """Whether g replaces g_adv where L(w + eps) is not finite
