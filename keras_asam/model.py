@@ -94,7 +94,7 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             direction is not finite, as a `LossScaleOptimizer` does with
             non-finite gradients. With SAM and ASAM under
             `jit_compile=True`, `"skip"` lets XLA drop g before the
-            perturbed pass: peak memory about 0.35x the parameter bytes
+            perturbed pass: peak memory 0.33-0.44x the parameter bytes
             lower (the README's cost section). Under a
             `LossScaleOptimizer` the step hands g_adv to it either way, and
             it skips the step.
