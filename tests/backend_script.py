@@ -163,33 +163,30 @@ OUT["perturb"]["normalization"] = {
     "paths": [v.path for v in model.trainable_variables]}
 # A selection that matches nothing: a ValueError naming `perturb` when
 # training starts, and the weights as they were.
+def fit_error(model, variables):
+    """The error `fit` raises (`None` if none), and whether `variables`
+    kept the values W0."""
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    try:
+        model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+        result = {"error": None}
+    except Exception as error:  # noqa: BLE001 (reported to the test)
+        result = {"error": type(error).__name__, "message": str(error)}
+    result["unchanged"] = all(
+        np.array_equal(keras.ops.convert_to_numpy(v), w)
+        for v, w in zip(variables, W0))
+    return result
+
+
 model = keras_asam.ASAMModel(*mlp(), perturb=[r"no_such_variable"])
 model.wrapped_model.set_weights(W0)
-model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-try:
-    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
-    OUT["perturb"]["empty"] = {"error": None}
-except Exception as error:  # noqa: BLE001 (reported to the test)
-    OUT["perturb"]["empty"] = {"error": type(error).__name__,
-                               "message": str(error)}
-OUT["perturb"]["empty"]["unchanged"] = all(
-    np.array_equal(keras.ops.convert_to_numpy(v), w)
-    for v, w in zip(model.trainable_variables, W0))
+OUT["perturb"]["empty"] = fit_error(model, model.trainable_variables)
 # Likewise a model without trainable weights (all of them frozen).
 inner = keras.Model(*mlp())
 inner.set_weights(W0)
 inner.trainable = False
-model = keras_asam.ASAMModel(inner)
-model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-try:
-    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
-    OUT["perturb"]["frozen"] = {"error": None}
-except Exception as error:  # noqa: BLE001 (reported to the test)
-    OUT["perturb"]["frozen"] = {"error": type(error).__name__,
-                                "message": str(error)}
-OUT["perturb"]["frozen"]["unchanged"] = all(
-    np.array_equal(keras.ops.convert_to_numpy(v), w)
-    for v, w in zip(inner.weights, W0))
+OUT["perturb"]["frozen"] = fit_error(keras_asam.ASAMModel(inner),
+                                     inner.weights)
 
 # keras_asam.custom_loop on fixed "gradients" G: the pure function
 # perturbed_values, and perturbed (moves Keras variables, restores them).
