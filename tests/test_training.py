@@ -347,6 +347,27 @@ def test_skip_on_every_step_changes_nothing(options, jit):
 
 
 @pytest.mark.parametrize("jit", [False, True])
+def test_skip_with_a_schedule_picked_in_the_graph(jit):
+    # asam_every=2 with steps_per_execution=2: each call mixes a perturbed
+    # and a plain step, so the graph picks (the conditional on `run`).
+    # rho 1e30 overflows the perturbed steps 0 and 2, which are skipped;
+    # the plain steps 1 and 3 are plain SGD steps on their batches.
+    x, y = _data(64)
+    model = SAMModel(_mlp(), rho=1e30, asam_every=2, non_finite_step="skip")
+    weights = _weights(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse",
+                  steps_per_execution=2, jit_compile=jit)
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+    for rows in (slice(16, 32), slice(48, 64)):
+        step = reference.asam_gradients(_mlp(), weights, x[rows], y[rows],
+                                        _mse, rho=0.0, adaptive=False)
+        weights = [w - 0.1 * g for w, g in zip(weights, step["grads"])]
+    _assert_weights(model, weights)
+    assert int(model.optimizer.iterations.numpy()) == 2
+    assert model.train_steps == 4
+
+
+@pytest.mark.parametrize("jit", [False, True])
 def test_skip_also_where_only_the_direction_is_not_finite(jit):
     # sqrt(|z|) at z = 0: a finite loss, NaN gradients for the first kernel
     # (d sqrt(|z|) / dz = inf * sign(0)). The clean-gradient fallback checks
