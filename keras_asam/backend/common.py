@@ -36,15 +36,14 @@ class StepHelpers:
     def _has_step_schedule(self):
         return not (self.asam_every == 1 and self.asam_probability == 1.0)
 
-    def _skips_non_finite(self):
-        """Whether a perturbed step skips its update where L(w + eps) or
-        the descent direction is not finite: `non_finite_step="skip"`,
-        except under a
-        `LossScaleOptimizer`, which skips non-finite steps itself (then the
-        step hands it g_adv as is with either setting)."""
-        return self.non_finite_step == "skip" and not isinstance(
-            self.optimizer, keras.optimizers.LossScaleOptimizer
-        )
+    def _non_finite_step(self):
+        """What this model's step does where L(w + eps) is not finite:
+        `non_finite_step` (`"clean_gradient"` or `"skip"`), or `None` under
+        a `LossScaleOptimizer`, which gets g_adv as is and skips non-finite
+        steps itself."""
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return None
+        return self.non_finite_step
 
     def _update_is_finite(self, adversarial_loss, descent):
         """Scalar boolean: L(w + eps) and the descent direction are finite
@@ -65,13 +64,6 @@ class StepHelpers:
             if d is not None:
                 total = total + keras.ops.cast(keras.ops.sum(d), "float32")
         return keras.ops.isfinite(total)
-
-    def _falls_back_to_clean(self):
-        """Whether g replaces g_adv where L(w + eps) is not finite
-        (`non_finite_step="clean_gradient"`, no `LossScaleOptimizer`)."""
-        return self.non_finite_step == "clean_gradient" and not isinstance(
-            self.optimizer, keras.optimizers.LossScaleOptimizer
-        )
 
     def _perturbed_mask(self, variables):
         """Which of `variables` the ascent moves (`perturb=`)."""

@@ -151,7 +151,7 @@ class JaxTrainStep(CommonTrainStep):
         trainable, optimizer_variables = self._apply(
             optimizer_variables, descent, trainable,
             self._update_is_finite(adversarial_loss, descent)
-            if run and self._skips_non_finite() else None,
+            if run and self._non_finite_step() == "skip" else None,
         )
         steps = self._nt_index(self._train_steps)
         new_non_trainable[steps] = non_trainable[steps] + 1
@@ -331,7 +331,7 @@ class JaxTrainStep(CommonTrainStep):
         """g_adv, or g where L(w + eps) is not finite (a select). Under a
         `LossScaleOptimizer` or with `non_finite_step="skip"` g_adv as is:
         the update is skipped instead (`_apply`)."""
-        if not self._falls_back_to_clean():
+        if self._non_finite_step() != "clean_gradient":
             return adversarial
         finite = jnp.isfinite(adversarial_loss)
         return [jnp.where(finite, ga, g)

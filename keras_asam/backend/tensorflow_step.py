@@ -74,7 +74,7 @@ class TensorFlowTrainStep(StepHelpers):
         descent = self._descent_direction(
             gradients, adversarial, adversarial_loss, run
         )
-        if run is not False and self._skips_non_finite():
+        if run is not False and self._non_finite_step() == "skip":
             # `non_finite_step="skip"`: no update anywhere if L(w + eps) or
             # the direction is not finite on some replica.
             finite = self._update_is_finite(adversarial_loss, descent)
@@ -365,7 +365,7 @@ class TensorFlowTrainStep(StepHelpers):
         adversarial gradient goes on as is and the step skips the update
         (`train_step`), so nothing keeps g.
         """
-        if not self._falls_back_to_clean():
+        if self._non_finite_step() != "clean_gradient":
             return adversarial
         finite = tf.math.is_finite(adversarial_loss)
         like = [None if g_adv is None or g is None else g_adv

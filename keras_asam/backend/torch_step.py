@@ -89,7 +89,7 @@ class TorchTrainStep(CommonTrainStep):
         descent = self._descent_direction(
             gradients, adversarial, adversarial_loss, run
         )
-        skip = (run and self._skips_non_finite()
+        skip = (run and self._non_finite_step() == "skip"
                 and not bool(self._update_is_finite(adversarial_loss,
                                                     descent)))
         with torch.no_grad():
@@ -138,7 +138,7 @@ class TorchTrainStep(CommonTrainStep):
                     v.assign(value)
                 for v, value in zip(state, saved_state):
                     v.assign(value)
-        if self._falls_back_to_clean():
+        if self._non_finite_step() == "clean_gradient":
             finite = torch.isfinite(adversarial_loss)
             adversarial = [
                 None if ga is None or g is None else torch.where(finite, ga, g)
