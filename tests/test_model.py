@@ -221,7 +221,7 @@ def test_save_and_load_round_trip(tmp_path, mode):
     x, y = _data()
     model = BUILDERS[mode](rho=0.8, eta=0.02, normalization="filterwise",
                            p=float("inf"), sync_perturbation=True,
-                           keep_perturbed_state=True)
+                           keep_perturbed_state=True, non_finite_step="skip")
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                   loss="mse")
     model.fit(x, y, epochs=2, verbose=0)
@@ -232,7 +232,7 @@ def test_save_and_load_round_trip(tmp_path, mode):
 
     assert type(loaded) is type(model)
     for key in ("eta", "adaptive", "normalization", "p", "sync_perturbation",
-                "keep_perturbed_state", "rho"):
+                "keep_perturbed_state", "non_finite_step", "rho"):
         assert getattr(loaded, key) == getattr(model, key), key
     for a, b in zip(model.weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
