@@ -35,9 +35,11 @@ comparable to the benchmark's, not identical.
 
 `--quick` (8 epochs, one seed) only checks that everything runs: its numbers
 mean nothing, since the models are far from trained and one seed has no
-spread. It writes `quickstart_quick.png/.json`, and a noise level other than
-40% writes `quickstart_noise<percent>.png/.json`, so neither overwrites the
-main run's `quickstart.png/.json`.
+spread. The output files are named after the run and the Keras backend: the
+main run writes `quickstart_<backend>.png/.json` (`quickstart_tensorflow`),
+`--quick` writes `quickstart_quick_<backend>.png/.json` and a noise level
+other than 40% `quickstart_noise<percent>_<backend>.png/.json`, so no run
+overwrites another's, on any backend.
 
 Two sharpness numbers appear on the progress lines of SAM and ASAM:
 `sharpness` is logged by the training step itself, the epoch mean of
@@ -54,25 +56,13 @@ import argparse
 import importlib
 import json
 import os
+import platform
+import random
 import sys
 import time
 
-# Before TensorFlow is imported: hide its C++ info and warning lines (CUDA
-# probes on CPU-only machines). Numerics are unaffected.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
-
-import keras_asam  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUTPUT_DIR = os.path.join(HERE, "outputs")
-sys.path.insert(0, HERE)
-
-from label_noise import noisy_split  # noqa: E402
 
 # The recipe of benchmarks/generalization.py: one for every method.
 LEARNING_RATE = 0.05  # Cosine decay to 0 over the run.
@@ -93,7 +83,101 @@ METER_KEY = "meter_adaptive_sharpness"
 # default to an ASAMModel's own (SAM's fixed ball for the SAMModel).
 METER = dict(rho=METER_RHO, adaptive=True, eta=0.01,
              normalization="elementwise", p=2, perturb="all")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=f"The main run trains 15 models ({EPOCHS} epochs, "
+               f"{len(SEEDS)} seeds) at {LABEL_NOISE:.0%} label noise. "
+               "Output files are named after the run and the Keras backend, "
+               "e.g. quickstart_tensorflow.png/.json.")
+    parser.add_argument("--label-noise", type=float, default=LABEL_NOISE,
+                        help="share of the training labels replaced by "
+                             f"wrong ones, in [0, 1); default {LABEL_NOISE} "
+                             "(chosen from the generalization benchmark); "
+                             "0 for clean labels")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"default {EPOCHS} ({QUICK_EPOCHS} with --quick)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"default {' '.join(map(str, SEEDS))} "
+                             f"({QUICK_SEEDS[0]} with --quick)")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"smoke run: {QUICK_EPOCHS} epochs, one seed. Its numbers mean "
+             "nothing; writes quickstart_quick_<backend>.png/.json instead "
+             "of the main run's quickstart_<backend>.png/.json")
+    parser.add_argument("--output-dir", default=OUTPUT_DIR,
+                        help="default: examples/outputs next to this script")
+    parser.add_argument("--verbose", type=int, default=2,
+                        help="Keras progress output: 0, 1 (bar) or 2 (a line "
+                             "per epoch, the default)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.label_noise < 1:
+        parser.error("--label-noise must be in [0, 1)")
+    if args.epochs is None:
+        args.epochs = QUICK_EPOCHS if args.quick else EPOCHS
+    if args.seeds is None:
+        args.seeds = QUICK_SEEDS if args.quick else SEEDS
+    return args
+
+
+if __name__ == "__main__":
+    # Answer --help and reject bad arguments before the imports below:
+    # TensorFlow takes seconds to import and prints log lines when it does.
+    ARGS = parse_args()
+
+# Before TensorFlow is imported: hide its C++ info and warning lines (CUDA
+# probes on CPU-only machines). Numerics are unaffected.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+
+import keras_asam  # noqa: E402
+
+sys.path.insert(0, HERE)
+
+from label_noise import noisy_split  # noqa: E402
+
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def file_stem(label_noise, quick, backend):
+    """Output files are named after the run and the backend, so that no
+    run overwrites another's: quickstart_tensorflow, quickstart_noise0_jax,
+    quickstart_quick_torch, ..."""
+    stem = "quickstart"
+    if label_noise != LABEL_NOISE:
+        stem += f"_noise{round(100 * label_noise)}"
+    if quick:
+        stem += "_quick"
+    return f"{stem}_{backend}"
+
+
+def set_seed(seed):
+    """Seeds the initial weights and the batch order: the same for every
+    method of a seed.
+
+    On TensorFlow this is `keras.utils.set_random_seed`, which also seeds
+    TensorFlow's shuffling of the batches. On the other backends that
+    function would import TensorFlow only to seed it (TensorFlow is
+    installed with keras_asam, and prints log lines on import), so the
+    generators those backends use are seeded instead: Python's (Keras'
+    unseeded initializers draw their seeds from it), NumPy's (Keras
+    shuffles NumPy arrays with it on JAX) and PyTorch's."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        keras.utils.set_random_seed(seed)
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    if backend == "torch":
+        import torch
+
+        torch.manual_seed(seed)
 
 
 def load_data():
@@ -121,7 +205,9 @@ def noisy_data(data, noise, seed):
 
 def build_network():
     """The benchmark's MLP: two hidden layers of WIDTH units, each followed
-    by LayerNormalization and ReLU; logits out."""
+    by LayerNormalization and ReLU; logits out. Each kernel initializer
+    takes its seed from Python's `random`, so `set_seed` fixes the weights.
+    """
     inputs = keras.Input((64,))
     h = inputs
     for _ in range(2):
@@ -149,9 +235,9 @@ def meter(model, x, y):
 class Monitor(keras.callbacks.Callback):
     """After every epoch logs `val_accuracy` (noisy labels), `test_accuracy`
     (clean labels), `wrong_labels_fit` (the share of the wrongly labelled
-    training examples predicted as their wrong label) and
-    `meter_adaptive_sharpness` (`meter` on the training data). Also sums
-    the seconds spent in the training batches."""
+    training examples predicted as their wrong label; not logged when every
+    label is right) and `meter_adaptive_sharpness` (`meter` on the training
+    data). Also sums the seconds spent in the training batches."""
 
     def __init__(self, data):
         super().__init__()
@@ -167,6 +253,8 @@ class Monitor(keras.callbacks.Callback):
         self.parts = {"wrong_labels_fit": slice(0, ends[0]),
                       "val_accuracy": slice(ends[0], ends[1]),
                       "test_accuracy": slice(ends[1], ends[2])}
+        if not wrong.any():
+            del self.parts["wrong_labels_fit"]
         self.train_seconds = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -178,13 +266,13 @@ class Monitor(keras.callbacks.Callback):
             self.model.predict_on_batch(self.x))
         hits = np.argmax(logits, axis=-1) == self.y
         for key, part in self.parts.items():
-            logs[key] = float(np.mean(hits[part])) if len(hits[part]) else 0.0
+            logs[key] = float(np.mean(hits[part]))
         logs[METER_KEY] = meter(self.model, self.data["x_train"],
                                 self.data["y_train"])
 
 
 def run(method, seed, epochs, data, verbose):
-    keras.utils.set_random_seed(seed)  # Same initial weights for every method.
+    set_seed(seed)  # Same initial weights and batches for every method.
     model = build_model(method)
     steps = epochs * int(np.ceil(len(data["x_train"]) / BATCH_SIZE))
     schedule = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)
@@ -198,18 +286,20 @@ def run(method, seed, epochs, data, verbose):
                         batch_size=BATCH_SIZE, epochs=epochs, verbose=verbose,
                         callbacks=[monitor]).history
     best = int(np.argmax(history["val_accuracy"]))  # First maximum.
-    keys = ["test_accuracy", "wrong_labels_fit", METER_KEY, "val_accuracy",
-            "accuracy"]
-    return {
+    keys = [k for k in ["test_accuracy", "wrong_labels_fit", METER_KEY,
+                        "val_accuracy", "accuracy"] if k in history]
+    result = {
         "test_accuracy": history["test_accuracy"][-1],
         "test_at_best_val": history["test_accuracy"][best],
         "best_epoch": best + 1,
-        "wrong_labels_fit": history["wrong_labels_fit"][-1],
         METER_KEY: history[METER_KEY][-1],
         # Training batches only (the first epoch includes tracing).
         "seconds_per_epoch": monitor.train_seconds / epochs,
         "curves": {k: [float(v) for v in history[k]] for k in keys},
     }
+    if "wrong_labels_fit" in history:  # Some labels are wrong.
+        result["wrong_labels_fit"] = history["wrong_labels_fit"][-1]
+    return result
 
 
 def mean_and_spread(values, scale=1.0, digits=4):
@@ -220,18 +310,35 @@ def mean_and_spread(values, scale=1.0, digits=4):
     return f"{values.mean():.{digits}f} +/- {values.std(ddof=1):.{digits}f}"
 
 
+def plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def heading(label_noise, epochs, seeds, quick):
+    """The line above the table."""
+    return (f"Digits, {label_noise:.0%} of the training labels wrong, "
+            f"{plural(epochs, 'epoch')}, seeds {seeds}"
+            f"{' (--quick: a smoke run)' if quick else ''}")
+
+
 def summarize(results):
-    header = ["method", "test acc % (final)", "test acc % (best val)",
-              "wrong labels fit %", f"adaptive sharpness (rho {METER_RHO})",
-              "s/epoch"]
+    """The table of the runs (mean +/- sample std over seeds), then the
+    per-seed differences to SGD. `wrong labels fit %` is left out when every
+    label is right."""
+    noisy = all("wrong_labels_fit" in r
+                for runs in results.values() for r in runs)
+    header = ["method", "test acc % (final)", "test acc % (best val)"]
+    header += ["wrong labels fit %"] if noisy else []
+    header += [f"adaptive sharpness (rho {METER_RHO})", "s/epoch"]
     rows = [header]
     for method, runs in results.items():
         def column(key, scale=1.0, digits=4):
             return mean_and_spread([r[key] for r in runs], scale, digits)
+        seconds = np.mean([r["seconds_per_epoch"] for r in runs])
         rows.append([method, column("test_accuracy", 100, 2),
-                     column("test_at_best_val", 100, 2),
-                     column("wrong_labels_fit", 100, 1), column(METER_KEY),
-                     f"{np.mean([r['seconds_per_epoch'] for r in runs]):.2f}"])
+                     column("test_at_best_val", 100, 2)]
+                    + ([column("wrong_labels_fit", 100, 1)] if noisy else [])
+                    + [column(METER_KEY), f"{seconds:.2f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join([row[0].ljust(widths[0])] +
                        [cell.rjust(width)
@@ -259,7 +366,7 @@ def summarize(results):
     return "\n".join(lines)
 
 
-def plot(results, path, noise):
+def plot(results, path, noise, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,77 +413,56 @@ def plot(results, path, noise):
     for ax in axes:
         ax.legend(title=band)
         ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def figure_title(args, backend):
+    if args.quick:
+        return (f"Smoke run (--quick, {backend}): "
+                f"{plural(args.epochs, 'epoch')}, one seed, models far from "
+                "trained. These curves say nothing about the methods")
+    return (f"{heading(args.label_noise, args.epochs, args.seeds, False)} "
+            f"({backend})")
+
+
 def versions():
     name = keras.backend.backend()
     return {name: importlib.import_module(name).__version__,
-            "keras": keras.version(), "keras_asam": keras_asam.__version__}
+            "keras": keras.version(), "keras_asam": keras_asam.__version__,
+            "python": platform.python_version()}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=f"The main run trains 15 models ({EPOCHS} epochs, "
-               f"{len(SEEDS)} seeds) at {LABEL_NOISE:.0%} label noise.")
-    parser.add_argument("--label-noise", type=float, default=LABEL_NOISE,
-                        help="share of the training labels replaced by "
-                             f"wrong ones, in [0, 1); default {LABEL_NOISE} "
-                             "(chosen from the generalization benchmark); "
-                             "0 for clean labels")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"default {EPOCHS} ({QUICK_EPOCHS} with --quick)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help=f"default {' '.join(map(str, SEEDS))} "
-                             f"({QUICK_SEEDS[0]} with --quick)")
-    parser.add_argument(
-        "--quick", action="store_true",
-        help=f"smoke run: {QUICK_EPOCHS} epochs, one seed. Its numbers mean "
-             "nothing; writes quickstart_quick.png/.json instead of "
-             "quickstart.png/.json")
-    parser.add_argument("--output-dir", default=OUTPUT_DIR,
-                        help="default: examples/outputs next to this script")
-    parser.add_argument("--verbose", type=int, default=2,
-                        help="Keras progress output: 0, 1 (bar) or 2 (a line "
-                             "per epoch, the default)")
-    args = parser.parse_args(argv)
-    if not 0 <= args.label_noise < 1:
-        parser.error("--label-noise must be in [0, 1)")
-    if args.epochs is None:
-        args.epochs = QUICK_EPOCHS if args.quick else EPOCHS
-    if args.seeds is None:
-        args.seeds = QUICK_SEEDS if args.quick else SEEDS
-    stem = "quickstart"
-    if args.label_noise != LABEL_NOISE:
-        stem += f"_noise{round(100 * args.label_noise)}"
-    if args.quick:
-        stem += "_quick"
-
+def main(args):
+    backend = keras.backend.backend()
+    stem = file_stem(args.label_noise, args.quick, backend)
     start = time.perf_counter()
     data = load_data()
     results = {method: [] for method in METHODS}
     for seed in args.seeds:
         noisy = noisy_data(data, args.label_noise, seed)
         for method in METHODS:
-            print(f"\n== {method.upper()} (rho={RHO[method]}), seed {seed}, "
+            rho = f" (rho={RHO[method]})" if RHO[method] else ""
+            print(f"\n== {method.upper()}{rho}, seed {seed}, "
                   f"{args.label_noise:.0%} of the training labels wrong ==")
             results[method].append(
                 run(method, seed, args.epochs, noisy, args.verbose))
     seconds = time.perf_counter() - start
 
-    table = summarize(results)
-    print(f"\nDigits, {args.label_noise:.0%} of the training labels wrong, "
-          f"{args.epochs} epochs, seeds {args.seeds}"
-          f"{' (--quick: a smoke run)' if args.quick else ''}\n{table}")
+    printed = (heading(args.label_noise, args.epochs, args.seeds, args.quick)
+               + "\n" + summarize(results))
+    print(f"\n{printed}")
     os.makedirs(args.output_dir, exist_ok=True)
     png = os.path.join(args.output_dir, f"{stem}.png")
-    plot(results, png, args.label_noise)
+    title = figure_title(args, backend)
+    plot(results, png, args.label_noise, title)
     with open(os.path.join(args.output_dir, f"{stem}.json"), "w") as f:
-        json.dump({"args": vars(args), "versions": versions(),
-                   "seconds": seconds, "results": results}, f, indent=1)
+        json.dump({"args": vars(args), "backend": backend,
+                   "versions": versions(), "cpu_count": os.cpu_count(),
+                   "seconds": seconds, "table": printed,
+                   "figure_title": title, "results": results}, f, indent=1)
     print(f"\nTrained {len(METHODS) * len(args.seeds)} models in "
           f"{seconds:.0f} s. Wrote {png} and {stem}.json in "
           f"{args.output_dir}")
@@ -384,4 +470,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -37,6 +37,71 @@ def _import_example(name):
     return module
 
 
+# Runs examples/quickstart.py as `python examples/quickstart.py ARGS` would,
+# then prints which of the heavy modules the process imported.
+_QUICKSTART_THEN_MODULES = """
+import runpy, sys
+path = sys.argv[1]
+sys.argv = sys.argv[1:]
+try:
+    scope = runpy.run_path(path, run_name="__main__")
+except SystemExit as exit:
+    print("exit code:", exit.code)
+    scope = None
+if scope is not None and scope["keras"].backend.backend() != "tensorflow":
+    # Without TensorFlow's seeding the weights still follow the seed.
+    def weights(seed):
+        scope["set_seed"](seed)
+        return [w.tolist() for w in scope["build_network"]().get_weights()]
+    print("same weights for a seed:", weights(3) == weights(3),
+          "other seed:", weights(3) == weights(4))
+print("imported:", sorted(name for name in
+                          ("tensorflow", "keras", "jax", "keras_asam")
+                          if name in sys.modules))
+"""
+
+
+def _run_quickstart(*args, env=None, expect_exit=0):
+    """(stdout, stderr, modules imported) of the quickstart with ARGS."""
+    done = subprocess.run(
+        [sys.executable, "-c", _QUICKSTART_THEN_MODULES,
+         os.path.join(EXAMPLES, "quickstart.py"), *args],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=None if env is None else dict(os.environ, **env))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if expect_exit is not None:
+        assert f"exit code: {expect_exit}" in done.stdout, done.stdout
+    imported = done.stdout.strip().splitlines()[-1]
+    assert imported.startswith("imported: "), done.stdout[-3000:]
+    return done.stdout, done.stderr, imported[len("imported: "):]
+
+
+def test_quickstart_answers_help_before_importing_tensorflow():
+    # --help and bad arguments need neither TensorFlow nor Keras (seconds of
+    # import and a block of TensorFlow log lines).
+    out, err, imported = _run_quickstart("--help")
+    assert "usage" in out and "--label-noise" in out, out
+    assert imported == "[]", imported
+    assert "oneDNN" not in err and "cuda" not in err, err
+    out, err, imported = _run_quickstart("--label-noise", "2",
+                                         expect_exit=2)
+    assert "--label-noise must be in [0, 1)" in err, err
+    assert imported == "[]", imported
+
+
+def test_quickstart_output_files_name_the_run_and_the_backend():
+    quickstart = _import_example("quickstart")
+    stem = quickstart.file_stem
+    names = {stem(noise, quick, backend)
+             for noise in (quickstart.LABEL_NOISE, 0.0, 0.2)
+             for quick in (False, True)
+             for backend in ("tensorflow", "jax", "torch")}
+    assert len(names) == 18  # No two runs share a file.
+    assert stem(0.4, False, "tensorflow") == "quickstart_tensorflow"
+    assert stem(0.4, True, "jax") == "quickstart_quick_jax"
+    assert stem(0.0, False, "torch") == "quickstart_noise0_torch"
+
+
 @pytest.mark.slow
 def test_quickstart_quick_run(tmp_path):
     out = _run("quickstart.py", "--quick", "--epochs", "2", "--verbose", "0",
@@ -48,31 +113,59 @@ def test_quickstart_quick_run(tmp_path):
     # One seed: means only, no spread, and a warning instead.
     assert not any("+/-" in row for row in rows.values()), out
     assert "one seed: no spread" in out
-    # --quick writes its own files and leaves the main run's alone.
-    assert (tmp_path / "quickstart_quick.png").stat().st_size > 0
-    assert (tmp_path / "quickstart_quick.json").stat().st_size > 0
-    assert not (tmp_path / "quickstart.png").exists()
+    # The plain SGD model has no rho.
+    assert "== SGD, seed 0," in out and "rho=None" not in out, out
+    assert "== ASAM (rho=0.5), seed 0," in out, out
+    # --quick writes its own files, named after the backend, and leaves the
+    # main run's alone.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "quickstart_quick_tensorflow.json", "quickstart_quick_tensorflow.png"]
+    assert (tmp_path / "quickstart_quick_tensorflow.png").stat().st_size > 0
     assert str(tmp_path) in out
+    with open(tmp_path / "quickstart_quick_tensorflow.json") as f:
+        record = json.load(f)
+    # The figure says it is a smoke run; the JSON keeps the printed table.
+    assert record["figure_title"].startswith("Smoke run (--quick, "
+                                             "tensorflow)")
+    assert "say nothing about the methods" in record["figure_title"]
+    assert record["backend"] == "tensorflow"
+    assert record["table"] in out
 
 
 @pytest.mark.slow
 def test_quickstart_other_noise_level_writes_its_own_files(tmp_path):
     out = _run("quickstart.py", "--label-noise", "0", "--epochs", "1",
-               "--seeds", "0", "--verbose", "0",
+               "--seeds", "0", "--verbose", "2",
                "--output-dir", str(tmp_path))
     assert "0% of the training labels wrong" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "quickstart_noise0.json", "quickstart_noise0.png"]
+        "quickstart_noise0_tensorflow.json",
+        "quickstart_noise0_tensorflow.png"]
+    # No wrong labels: neither the table nor the progress lines show how
+    # many of them were learnt.
+    assert "wrong labels fit" not in out and "wrong_labels_fit" not in out
+    assert "test_accuracy" in out
 
 
 @pytest.mark.slow
-def test_quickstart_runs_on_jax(tmp_path):
+def test_quickstart_runs_on_jax_without_tensorflow(tmp_path):
     pytest.importorskip("jax")
-    out = _run("quickstart.py", "--quick", "--epochs", "1", "--verbose", "0",
-               "--output-dir", str(tmp_path), env={"KERAS_BACKEND": "jax"})
+    out, err, imported = _run_quickstart(
+        "--quick", "--epochs", "1", "--verbose", "0",
+        "--output-dir", str(tmp_path), env={"KERAS_BACKEND": "jax"},
+        expect_exit=None)
     assert "one seed: no spread" in out
-    with open(tmp_path / "quickstart_quick.json") as f:
+    # Its own files: a TensorFlow run's stay as they are.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "quickstart_quick_jax.json", "quickstart_quick_jax.png"]
+    with open(tmp_path / "quickstart_quick_jax.json") as f:
         assert "jax" in json.load(f)["versions"]
+    # keras_asam does not import TensorFlow on JAX, and neither does the
+    # example (keras.utils.set_random_seed would, to seed it): no TensorFlow
+    # log lines, and the seed still fixes the initial weights.
+    assert imported == "['jax', 'keras', 'keras_asam']", imported
+    assert "oneDNN" not in err and "cuda drivers" not in err, err
+    assert "same weights for a seed: True other seed: False" in out, out
 
 
 def test_quickstart_table_spread():
@@ -96,6 +189,22 @@ def test_quickstart_table_spread():
     single = quickstart.summarize({"sgd": runs([0.97])})
     assert "+/-" not in single and "97.00" in single, single
     assert "per seed" not in single
+    assert "wrong labels fit %" in table
+
+
+def test_quickstart_table_without_wrong_labels():
+    # With clean labels the runs record no wrong_labels_fit, and the table
+    # has no column for it.
+    quickstart = _import_example("quickstart")
+    runs = [{"test_accuracy": a, "test_at_best_val": a,
+             quickstart.METER_KEY: 0.001, "seconds_per_epoch": 0.2}
+            for a in (0.97, 0.98)]
+    table = quickstart.summarize({"sgd": runs, "asam": runs})
+    assert "wrong labels fit" not in table, table
+    header = table.splitlines()[0].split("  ")
+    assert [cell.strip() for cell in header if cell.strip()] == [
+        "method", "test acc % (final)", "test acc % (best val)",
+        "adaptive sharpness (rho 0.5)", "s/epoch"]
 
 
 def test_quickstart_meter_is_the_same_for_every_method():
