@@ -248,6 +248,24 @@ def test_quickstart_label_noise_is_the_benchmarks():
     assert quickstart.noisy_split is benchmark.label_noise.noisy_split
 
 
+def test_quickstart_starts_from_the_benchmarks_initial_weights():
+    # On TensorFlow a seed's initial weights are the generalization
+    # benchmark's, as the README says.
+    quickstart = _import_example("quickstart")
+    spec = importlib.util.spec_from_file_location(
+        "generalization", os.path.join(ROOT, "benchmarks",
+                                       "generalization.py"))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    for seed in (0, 3):
+        quickstart.set_seed(seed)
+        ours = quickstart.build_network().get_weights()
+        theirs = benchmark.initial_weights("digits", seed)
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_label_noise_corrupts_the_stated_fraction_nested_across_levels():
     label_noise = _import_example("label_noise")
     y = np.arange(1000) % 10
