@@ -11,6 +11,7 @@ from keras_asam import (
     directions,
     perturbation,
     schedules,
+    variants,
 )
 from keras_asam.model import ASAMModel, SAMModel
 from keras_asam.sharpness import sharpness
@@ -26,4 +27,5 @@ __all__ = [
     "perturbation",
     "schedules",
     "sharpness",
+    "variants",
 ]

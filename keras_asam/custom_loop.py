@@ -275,7 +275,7 @@ def _checked(rho, adaptive, eta, normalization, p):
     return dict(
         rho=_checked_rho(rho),
         adaptive=validation.check_bool("adaptive", adaptive),
-        eta=validation.check_eta(eta),
+        eta=validation.check_non_negative("eta", eta),
         normalization=validation.check_normalization(normalization),
         p=validation.check_p(p),
     )

@@ -1,9 +1,9 @@
 """`ASAMModel` and `SAMModel`: Keras models that train with (A)SAM in `fit`.
 
-This module holds the construction, hyperparameters and configuration; the
-train step of each backend is in `backend/` (`tensorflow_step.py`,
-`jax_step.py`, `torch_step.py`), the maths in `perturbation.py` and
-`directions.py`.
+This module holds the construction, hyperparameters, the variant's state
+and the configuration. The step is `keras_asam/step.py` (what every backend
+shares) plus one mixin per backend in `backend/` (the plumbing); the maths
+is in `perturbation.py` and the variants in `variants/`.
 """
 
 import math
@@ -12,7 +12,8 @@ import absl.logging
 import keras
 import numpy as np
 
-from keras_asam import backend, schedule, selection, validation
+from keras_asam import backend, options, second_pass, validation, variants
+from keras_asam.variants import base as variant_base
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -62,20 +63,20 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             along its own gradient and the descent uses the size-weighted
             mean of the parts' adversarial gradients (m-sharpness, Foret et
             al., 2021; Keras 2's `num_batch_splits`). Defaults to `1`.
-        perturb: Which variables the ascent moves: `None` (all trainable
-            variables, default), `"normalization"` (the variables of
+        perturb: Which variables the ascent moves: `None` or `"all"` (all
+            trainable variables, default), `"normalization"` (the variables of
             normalization layers: SAM-ON, Mueller et al., 2023), a list of
             regular expressions matched with `re.search` against
             `variable.path`, or a callable `variable -> bool`. Every
             trainable variable is still updated.
-        gsam_alpha: Float >= 0. GSAM (Zhuang et al., 2022): descend along
-            `g_adv - alpha * (g - (g . g_adv / ||g_adv||^2) g_adv)`.
-            Defaults to `0.0` (off).
-        looksam_alpha: Float >= 0. LookSAM (Liu et al., 2022): on the steps
-            that skip the perturbed pass (`asam_every`, `asam_probability`)
-            descend along `g + alpha ||g|| / ||g_v|| g_v`, with `g_v` the
-            part of the last `g_adv` orthogonal to its `g`. Defaults to `0.0`
-            (off).
+        variant: A `keras_asam.variants.Variant` (`GSAM`, `LookSAM`, or
+            your own), or `None` (default) for plain ASAM/SAM. It changes the
+            ascent direction, the descent direction, the steps without the
+            perturbed pass, or the update (see `keras_asam.variants`).
+        gsam_alpha: Float. Shortcut for `variant=GSAM(gsam_alpha)` when
+            > 0 (kept from 0.1.0).
+        looksam_alpha: Float. Shortcut for `variant=LookSAM(looksam_alpha)`
+            when > 0 (kept from 0.1.0).
         sync_perturbation: Boolean. Under `tf.distribute`, if `True` the first
             gradient is summed over replicas so that every replica perturbs
             with the global-batch gradient (the single-device step). If
@@ -123,8 +124,6 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
     References:
         - [Kwon et al., 2021](https://arxiv.org/abs/2102.11600)
         - [Foret et al., 2021](https://arxiv.org/abs/2010.01412)
-        - [Zhuang et al., 2022](https://arxiv.org/abs/2203.08065)
-        - [Liu et al., 2022](https://arxiv.org/abs/2203.02714)
         - [Mueller et al., 2023](https://arxiv.org/abs/2306.04226)
     """
 
@@ -132,54 +131,40 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         self,
         *args,
         rho=0.5,
+        variant=None,
         eta=0.01,
         adaptive=True,
         normalization="elementwise",
         p=2,
         num_batch_splits=1,
         perturb=None,
-        gsam_alpha=0.0,
-        looksam_alpha=0.0,
         sync_perturbation=False,
         keep_perturbed_state=False,
         non_finite_step="clean_gradient",
         asam_every=1,
         asam_probability=1.0,
-        asam_seed=schedule.DEFAULT_SEED,
+        asam_seed=second_pass.DEFAULT_SEED,
+        gsam_alpha=0.0,
+        looksam_alpha=0.0,
         **kwargs,
     ):
         rho = validation.check_rho_or_schedule(rho)
-        hyperparameters = dict(
-            eta=validation.check_eta(eta),
-            adaptive=validation.check_bool("adaptive", adaptive),
-            normalization=validation.check_normalization(normalization),
-            p=validation.check_p(p),
-            num_batch_splits=validation.check_positive_int(
-                "num_batch_splits", num_batch_splits
-            ),
-            perturb=selection.check_perturb(perturb),
-            gsam_alpha=validation.check_alpha("gsam_alpha", gsam_alpha),
-            looksam_alpha=validation.check_alpha(
-                "looksam_alpha", looksam_alpha
-            ),
-            sync_perturbation=validation.check_bool(
-                "sync_perturbation", sync_perturbation
-            ),
-            keep_perturbed_state=validation.check_bool(
-                "keep_perturbed_state", keep_perturbed_state
-            ),
-            non_finite_step=validation.check_non_finite_step(non_finite_step),
-            asam_every=validation.check_positive_int("asam_every", asam_every),
-            asam_probability=validation.check_probability(
-                "asam_probability", asam_probability
-            ),
-            asam_seed=validation.check_seed("asam_seed", asam_seed),
+        checked = options.Options.checked(
+            eta=eta, adaptive=adaptive, normalization=normalization, p=p,
+            num_batch_splits=num_batch_splits, perturb=perturb,
+            sync_perturbation=sync_perturbation,
+            keep_perturbed_state=keep_perturbed_state,
+            non_finite_step=non_finite_step, asam_every=asam_every,
+            asam_probability=asam_probability, asam_seed=asam_seed,
         )
-        validation.check_variant_combination(hyperparameters)
-        backend.check_options(hyperparameters)
-        model = _model_from_arguments(args, kwargs)
+        variant = _variant_from_arguments(variant, gsam_alpha, looksam_alpha,
+                                          kwargs.pop("custom_objects", None))
+        _check_variant(variant, checked)
+        backend.check_backend()
+        model = _model_from_arguments(args, kwargs, type(self).__name__)
         super().__init__(**kwargs)
-        self._hyperparameters = hyperparameters
+        self.options = checked
+        self.variant = variant
         self._rho_schedule = None if isinstance(rho, float) else rho
         self.wrapped_model = model
         self._rho = self.add_weight(
@@ -196,17 +181,17 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         self._train_steps = self.add_weight(
             shape=(),
             initializer="zeros",
-            dtype=_counter_dtype(),
+            dtype=self._counter_dtype(),
             trainable=False,
             name="train_steps",
         )
         self._host_step = None  # The host's copy, read once per `fit`.
         self._rho_on_host = None if self._rho_schedule is not None else rho
-        # LookSAM's stored direction g_v, one variable per trainable
-        # variable, created once those exist (`_create_own_state`).
-        self._looksam_store = (
-            _DirectionStore(name="looksam_direction")
-            if hyperparameters["looksam_alpha"] > 0 else None
+        # The variant's state, created once the trainable variables exist
+        # (`_create_own_state`).
+        self._variant_store = (
+            _DirectionStore(name="variant_state")
+            if variant is not None and variant.state_names else None
         )
         # Kept out of `self.metrics`, so `evaluate` logs exactly what a plain
         # model logs; `train_step` adds it to the training logs.
@@ -265,6 +250,17 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         """The `LearningRateSchedule` given as `rho`, or `None`."""
         return self._rho_schedule
 
+    @property
+    def gsam_alpha(self):
+        """GSAM's alpha if the variant is `GSAM`, else 0 (0.1.0's name)."""
+        return _alpha_if(self.variant, variants.GSAM)
+
+    @property
+    def looksam_alpha(self):
+        """LookSAM's alpha if the variant is `LookSAM`, else 0 (0.1.0's
+        name)."""
+        return _alpha_if(self.variant, variants.LookSAM)
+
     def _learning_rate_counter(self):
         """The counter at which the optimizer evaluates its learning-rate
         schedule (`_iterations` of the innermost optimizer: under
@@ -276,77 +272,33 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             optimizer = optimizer.inner_optimizer
         return optimizer._iterations
 
-    @property
-    def eta(self):
-        return self._hyperparameters["eta"]
-
-    @property
-    def adaptive(self):
-        return self._hyperparameters["adaptive"]
-
-    @property
-    def normalization(self):
-        return self._hyperparameters["normalization"]
-
-    @property
-    def p(self):
-        return self._hyperparameters["p"]
-
-    @property
-    def num_batch_splits(self):
-        return self._hyperparameters["num_batch_splits"]
-
-    @property
-    def perturb(self):
-        return self._hyperparameters["perturb"]
-
-    @property
-    def gsam_alpha(self):
-        return self._hyperparameters["gsam_alpha"]
-
-    @property
-    def looksam_alpha(self):
-        return self._hyperparameters["looksam_alpha"]
-
-    @property
-    def sync_perturbation(self):
-        return self._hyperparameters["sync_perturbation"]
-
-    @property
-    def keep_perturbed_state(self):
-        return self._hyperparameters["keep_perturbed_state"]
-
-    @property
-    def non_finite_step(self):
-        return self._hyperparameters["non_finite_step"]
-
-    @property
-    def asam_every(self):
-        return self._hyperparameters["asam_every"]
-
-    @property
-    def asam_probability(self):
-        return self._hyperparameters["asam_probability"]
-
-    @property
-    def asam_seed(self):
-        return self._hyperparameters["asam_seed"]
-
     # -- ASAM's own state ----------------------------------------------------
 
     @property
-    def _looksam_direction(self):
-        if self._looksam_store is None:
-            return []
-        return self._looksam_store.directions
+    def variant_state(self):
+        """The variant's state: a dict from each of its `state_names` to
+        one float32 variable per trainable variable (empty before the
+        model is built, or without a variant that keeps state)."""
+        return self._variant_state()
+
+    def _variant_state(self):
+        store = self._variant_store
+        if store is None:
+            return {}
+        return store.by_name(self.variant.state_names)
+
+    def _variant_variables(self):
+        store = self._variant_store
+        return [] if store is None else list(store.variables)
 
     def _create_own_state(self):
-        """Creates LookSAM's g_v once the trainable variables exist."""
-        store = self._looksam_store
-        if store is not None and not store.directions:
+        """Creates the variant's state once the trainable variables
+        exist."""
+        store = self._variant_store
+        if store is not None and not store.variables:
             variables = self.trainable_variables
             if variables:
-                store.create(variables)
+                store.create(self.variant.state_names, variables)
 
     def build_from_config(self, config):
         super().build_from_config(config)
@@ -356,76 +308,6 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         with self.distribute_strategy.scope():
             self._create_own_state()
-
-    # On TensorFlow, with `num_batch_splits` > 1 the parts of a batch have
-    # sizes XLA cannot know when it compiles the loop over them:
-    # `jit_compile="auto"` resolves to `False` and `jit_compile=True` raises.
-    # On JAX the sizes are static when the step is traced, and it stays
-    # jitted.
-
-    def _splits_without_xla(self):
-        return (self.num_batch_splits > 1
-                and keras.backend.backend() == "tensorflow")
-
-    def _resolve_auto_jit_compile(self):
-        if self._splits_without_xla():
-            return False
-        return super()._resolve_auto_jit_compile()
-
-    @keras.Model.jit_compile.setter
-    def jit_compile(self, value):
-        if value and self._splits_without_xla():
-            raise ValueError(
-                "`num_batch_splits` > 1 does not compile with XLA on "
-                "TensorFlow: the parts' sizes are not static. Use "
-                "`jit_compile=False`. "
-                "Received: jit_compile=True, num_batch_splits="
-                f"{self.num_batch_splits}"
-            )
-        keras.Model.jit_compile.fset(self, value)
-
-    # -- choosing each step's kind on the host -------------------------------
-
-    def make_train_function(self, force=False):
-        """Keras' train function, or, when each call runs one step, a pair
-        of them: with and without the perturbed pass, picked per call from
-        the schedules and `rho` on the host (no conditional in the graph,
-        no device read per step)."""
-        if keras.backend.backend() != "tensorflow":
-            return super().make_train_function(force=force)
-        if self.train_function is not None and not force:
-            return self.train_function
-        if self.steps_per_execution != 1 or not (
-            self._has_step_schedule() or self._rho_schedule is None
-        ):
-            return super().make_train_function(force=force)
-        functions = {}
-
-        def train_function(iterator):
-            if self._host_step is None:
-                self._host_step = self.train_steps
-                if self._rho_schedule is None:
-                    self._rho_on_host = float(
-                        keras.ops.convert_to_numpy(self._rho))
-            run = self._host_runs_perturbed_pass(self._host_step)
-            if run not in functions:
-                functions[run] = self._make_function(
-                    lambda data: self.train_step(data, run_choice=run)
-                )
-            logs = functions[run](iterator)
-            self._host_step += 1
-            return logs
-
-        self.train_function = train_function
-        return train_function
-
-    def _host_runs_perturbed_pass(self, step):
-        if self._rho_schedule is None and self._rho_on_host == 0:
-            return False
-        return schedule.perturb_on_host(
-            step, every=self.asam_every,
-            probability=self.asam_probability, seed=self.asam_seed,
-        )
 
     def fit(self, *args, **kwargs):
         self._host_step = None  # Read again: weights may have been loaded.
@@ -437,7 +319,8 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
 
     def count_params(self):
         """The number of scalars in the model's weights, without ASAM's own
-        state (`rho`, LookSAM's direction): the wrapped model's count."""
+        state (`rho`, the step count, the variant's state): the wrapped
+        model's count."""
         own = {id(v) for v in self._own_state()}
         return int(sum(
             math.prod(v.shape) for v in self.weights if id(v) not in own
@@ -454,7 +337,7 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
     def summary(self, line_length=None, positions=None, print_fn=None,
                 expand_nested=False, show_trainable=False, layer_range=None):
         """`keras.Model.summary`, with totals that leave out ASAM's own state
-        (`rho`, the step count, LookSAM's direction): without an optimizer,
+        (`rho`, the step count, the variant's state): without an optimizer,
         those of the wrapped model. A last line names that state. It stays
         in `weights` and `variables` (checkpoints hold it)."""
         object.__setattr__(self, "_summary_without_own_state", True)
@@ -466,10 +349,10 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         finally:
             object.__setattr__(self, "_summary_without_own_state", False)
         names = ["rho", "train_steps"]
-        direction = list(self._looksam_direction)
-        if direction:
-            size = sum(math.prod(v.shape) for v in direction)
-            names.append(f"looksam_direction ({size:,} values)")
+        for name, state in self._variant_state().items():
+            size = sum(math.prod(v.shape) for v in state)
+            names.append(f"{type(self.variant).__name__} {name} "
+                         f"({size:,} values)")
         line = f" ASAM state (not counted above): {', '.join(names)}"
         if print_fn is not None:
             print_fn(line)
@@ -492,16 +375,14 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config.update(self._hyperparameters)
-        config["perturb"] = selection.serialize_perturb(self.perturb)
+        config.update(self.options.get_config())
+        config["variant"] = variant_base.serialize(self.variant)
         if self._rho_schedule is None:
             config["rho"] = self.rho
         else:
             config["rho"] = keras.optimizers.schedules.serialize(
                 self._rho_schedule
             )
-        if config["p"] == math.inf:
-            config["p"] = "inf"
         if self.wrapped_model is not None:
             config["model"] = keras.saving.serialize_keras_object(
                 self.wrapped_model
@@ -511,6 +392,8 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
+        config["variant"] = variant_base.deserialize(
+            config.get("variant"), custom_objects=custom_objects)
         if "model" in config:
             config["model"] = keras.saving.deserialize_keras_object(
                 config["model"], custom_objects=custom_objects
@@ -523,26 +406,38 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
 
 
 class _DirectionStore(keras.layers.Layer):
-    """Holds one float32 variable per trainable variable (LookSAM's g_v),
-    zero until the first perturbed step; saved with the model."""
+    """The variant's state: for each of its `state_names`, one float32
+    variable per trainable variable, zero at first, saved with the model.
+
+    Each variable has its weight's shape and, under `keras.distribution`,
+    its weight's layout (a sharded weight gets sharded state), as
+    optimizer slots do. `.keras` files keep the variables under this class's
+    name (`layers/__direction_store/vars/<i>`, name-major), where 0.1.0 kept
+    LookSAM's direction.
+    """
 
     def __init__(self, **kwargs):
         super().__init__(trainable=False, **kwargs)
-        self.directions = []
 
-    def create(self, variables):
-        self.directions = [
-            self.add_weight(
-                shape=v.shape,
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-                autocast=False,
-                name=f"direction_{i}",
-            )
-            for i, v in enumerate(variables)
-        ]
+    def create(self, names, weights):
+        distribution = keras.distribution.distribution()
+        for name in names:
+            for i, weight in enumerate(weights):
+                layout = (None if distribution is None
+                          else distribution.get_variable_layout(weight))
+                self._track_variable(keras.Variable(
+                    initializer="zeros", shape=weight.shape,
+                    dtype="float32", trainable=False, autocast=False,
+                    name=f"{name}_{i}", layout=layout,
+                ))
         self.built = True
+
+    def by_name(self, names):
+        """name -> the variables of that name, in the weights' order."""
+        variables = self.variables
+        count = len(variables) // max(len(names), 1)
+        return {name: variables[k * count:(k + 1) * count]
+                for k, name in enumerate(names)}
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -566,27 +461,24 @@ class SAMModel(ASAMModel):
         super().__init__(*args, rho=rho, adaptive=adaptive, **kwargs)
 
 
-def _counter_dtype():
-    """int64, or int32 on JAX without 64-bit mode (which has no int64)."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        if not jax.config.jax_enable_x64:
-            return "int32"
-    return "int64"
-
-
-def _model_from_arguments(args, kwargs):
+def _model_from_arguments(args, kwargs, class_name):
     """The model to wrap, from `ASAMModel(...)`'s positional/keyword args.
 
     `(inputs, outputs)` builds a functional `keras.Model`; `(model,)` or
     `model=` wraps that model; no argument means subclassing. Consumes the
     keys it uses from `kwargs`.
     """
+    if args and isinstance(args[0], keras.Model) and len(args) > 1:
+        raise TypeError(
+            f"`{class_name}` takes one positional argument when it wraps a "
+            "model; its options are keywords, e.g. "
+            f"`{class_name}(model, rho=0.5)`. Received {len(args)} "
+            f"positional arguments: {', '.join(_short(a) for a in args)}"
+        )
     if len(args) == 2 or "outputs" in kwargs:
         if len(args) > 2:
             raise TypeError(
-                "`ASAMModel` takes `(inputs, outputs)` or `(model)` as "
+                f"`{class_name}` takes `(inputs, outputs)` or `(model)` as "
                 f"positional arguments. Received {len(args)} arguments."
             )
         inputs = args[0] if args else kwargs.pop("inputs")
@@ -594,8 +486,8 @@ def _model_from_arguments(args, kwargs):
         return keras.Model(inputs=inputs, outputs=outputs)
     if len(args) > 1:
         raise TypeError(
-            "`ASAMModel` takes `(inputs, outputs)` or `(model)` as positional "
-            f"arguments. Received {len(args)} arguments."
+            f"`{class_name}` takes `(inputs, outputs)` or `(model)` as "
+            f"positional arguments. Received {len(args)} arguments."
         )
     model = args[0] if args else kwargs.pop("model", None)
     if model is not None and not isinstance(model, keras.Model):
@@ -603,4 +495,78 @@ def _model_from_arguments(args, kwargs):
             "`model` must be a `keras.Model` instance. Received: "
             f"model={model!r} (of type {type(model).__name__})"
         )
+    if isinstance(model, ASAMModel):
+        raise TypeError(
+            f"`model` is already a `{type(model).__name__}`: wrapping it "
+            "would train with the outer settings and ignore its own. Wrap "
+            f"its network instead, `{class_name}(model.wrapped_model, "
+            "...)`, or train it as it is. Received: "
+            f"model={_short(model)}"
+        )
     return model
+
+
+def _short(value):
+    if isinstance(value, keras.Model):
+        return f"<{type(value).__name__} name={value.name}>"
+    return repr(value)
+
+
+def _variant_from_arguments(variant, gsam_alpha, looksam_alpha,
+                            custom_objects=None):
+    """The variant: `variant=`, or one of 0.1.0's shortcuts."""
+    variant = variant_base.deserialize(variant, custom_objects)
+    gsam = validation.check_non_negative("gsam_alpha", gsam_alpha)
+    looksam = validation.check_non_negative("looksam_alpha", looksam_alpha)
+    shortcuts = {name: value for name, value in
+                 (("gsam_alpha", gsam), ("looksam_alpha", looksam))
+                 if value > 0}
+    if len(shortcuts) > 1 or (shortcuts and variant is not None):
+        given = ", ".join(f"{k}={v!r}" for k, v in shortcuts.items())
+        raise ValueError(
+            "Give one variant: `variant=`, `gsam_alpha` and `looksam_alpha` "
+            "cannot both be set (GSAM changes the perturbed steps' "
+            "direction, LookSAM the others'). Received: "
+            f"variant={variant!r}, {given}"
+        )
+    if gsam > 0:
+        return variants.GSAM(gsam)
+    if looksam > 0:
+        return variants.LookSAM(looksam)
+    return variant
+
+
+def _check_variant(variant, checked):
+    """The variant's own checks, and the options that need both passes of
+    each part of a split batch."""
+    if variant is None:
+        return
+    variant.validate(checked)
+    if checked.num_batch_splits > 1 and (
+        not variant.clean_pass
+        or variant_base.overrides(variant, "ascent")
+    ):
+        raise ValueError(
+            f"{type(variant).__name__} changes the ascent direction and "
+            "cannot run with `num_batch_splits` > 1 (each part ascends "
+            "along its own gradient). Received: "
+            f"variant={variant!r}, num_batch_splits="
+            f"{checked.num_batch_splits}"
+        )
+
+
+def _alpha_if(variant, cls):
+    return variant.alpha if isinstance(variant, cls) else 0.0
+
+
+def _option_property(name):
+    def read(self):
+        return getattr(self.options, name)
+
+    read.__name__ = name
+    read.__doc__ = f"The `{name}` option (see `ASAMModel`)."
+    return property(read)
+
+
+for _name in options.NAMES:
+    setattr(ASAMModel, _name, _option_property(_name))

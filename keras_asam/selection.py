@@ -3,7 +3,7 @@
 Unselected variables get eps = 0 and are left out of the norm ``||T_w g||``;
 every trainable variable is still updated with the adversarial gradient.
 
-    None               every trainable variable (ASAM, SAM)
+    None or "all"      every trainable variable (ASAM, SAM)
     "normalization"    only the variables of normalization layers, found by
                        layer type (SAM-ON, Mueller et al., 2023)
     [regex, ...]       variables whose `path` matches one (`re.search`)
@@ -18,6 +18,7 @@ import re
 
 import keras
 
+ALL = "all"
 NORMALIZATION = "normalization"
 
 
@@ -31,14 +32,20 @@ def normalization_layer_types():
 
 def check_perturb(perturb):
     """Validates `perturb`; returns it normalized (a tuple for patterns)."""
-    if perturb is None or perturb == NORMALIZATION:
+    if perturb is None or perturb == ALL:
+        return None
+    if perturb == NORMALIZATION:
         return perturb
+    if isinstance(perturb, str):
+        raise ValueError(
+            f"`perturb` takes the strings {ALL!r} and {NORMALIZATION!r}; "
+            "regular expressions go in a list, e.g. "
+            f"`perturb=[{perturb!r}]`. Received: perturb={perturb!r}"
+        )
     if isinstance(perturb, dict):  # A serialized function (see `get_config`).
         perturb = keras.saving.deserialize_keras_object(perturb)
     if callable(perturb):
         return perturb
-    if isinstance(perturb, str):
-        perturb = [perturb]
     if isinstance(perturb, (list, tuple)) and perturb and all(
         isinstance(p, str) for p in perturb
     ):
@@ -52,8 +59,9 @@ def check_perturb(perturb):
                 ) from error
         return tuple(perturb)
     raise ValueError(
-        "`perturb` must be None, \"normalization\", a non-empty list of "
-        "regular expressions matched against `variable.path`, or a callable "
+        "`perturb` must be None, \"all\", \"normalization\", a non-empty "
+        "list of regular expressions matched against `variable.path`, or a "
+        "callable "
         f"`variable -> bool`. Received: perturb={perturb!r}"
     )
 

@@ -115,7 +115,7 @@ def sharpness(
     hyperparameters = dict(
         rho=validation.check_rho(settings["rho"]),
         adaptive=validation.check_bool("adaptive", settings["adaptive"]),
-        eta=validation.check_eta(settings["eta"]),
+        eta=validation.check_non_negative("eta", settings["eta"]),
         normalization=validation.check_normalization(
             settings["normalization"]
         ),

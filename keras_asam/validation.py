@@ -1,6 +1,8 @@
 """Checks of user-facing hyperparameters, with Keras-style error messages.
 
-Each function returns the normalized value or raises before any state changes.
+Each function returns the normalized value or raises before any state
+changes. Numbers may also be given as numeric strings (`"0.5"`, `"2"`, as
+read from a command line or a config file): every number is read alike.
 """
 
 import math
@@ -14,17 +16,40 @@ from keras_asam.perturbation import NORMALIZATIONS
 NON_FINITE_STEPS = ("clean_gradient", "skip")
 
 
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def _number(value):
+    """`value` as a Python number if it is one (or a numeric string), else
+    `None`. Booleans are not numbers here."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def check_non_negative(name, value):
+    """`value` as a float; it must be finite and >= 0."""
+    number = _number(value)
+    if number is None or not math.isfinite(number) or number < 0:
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0. Received: "
+            f"{name}={value!r}"
+        )
+    return float(number)
 
 
 def check_rho(rho):
     """`rho` as a float; it must be finite and >= 0 (0 turns ASAM off)."""
-    if not _is_real(rho) or not math.isfinite(rho) or rho < 0:
-        raise ValueError(
-            f"`rho` must be a finite number >= 0. Received: rho={rho!r}"
-        )
-    return float(rho)
+    return check_non_negative("rho", rho)
 
 
 def check_rho_or_schedule(rho):
@@ -33,7 +58,7 @@ def check_rho_or_schedule(rho):
         return rho
     if isinstance(rho, dict) and "class_name" in rho:
         return keras.optimizers.schedules.deserialize(rho)
-    if callable(rho) and not _is_real(rho):
+    if callable(rho) and _number(rho) is None:
         raise ValueError(
             "`rho` must be a number >= 0 or a "
             "`keras.optimizers.schedules.LearningRateSchedule` (a plain "
@@ -43,23 +68,47 @@ def check_rho_or_schedule(rho):
     return check_rho(rho)
 
 
-def check_alpha(name, value):
-    """`value` as a float; it must be finite and >= 0."""
-    if not _is_real(value) or not math.isfinite(value) or value < 0:
+def check_range(name, value, low, high, *, low_open=False, high_open=False):
+    """`value` as a float in the interval from `low` to `high` (closed
+    unless `low_open`/`high_open`)."""
+    number = _number(value)
+    inside = number is not None and math.isfinite(number) and (
+        (low < number if low_open else low <= number)
+        and (number < high if high_open else number <= high)
+    )
+    if not inside:
+        interval = (("(" if low_open else "[") + f"{low}, {high}"
+                    + (")" if high_open else "]"))
         raise ValueError(
-            f"`{name}` must be a finite number >= 0. Received: "
+            f"`{name}` must be a number in {interval}. Received: "
             f"{name}={value!r}"
         )
-    return float(value)
+    return float(number)
 
 
-def check_eta(eta):
-    """`eta` as a float; it must be finite and >= 0."""
-    if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
+def check_probability(name, value):
+    """`value` as a float in (0, 1]."""
+    return check_range(name, value, 0, 1, low_open=True)
+
+
+def check_positive_int(name, value):
+    """`value` as an int >= 1."""
+    number = _number(value)
+    if not isinstance(number, int) or number < 1:
         raise ValueError(
-            f"`eta` must be a finite number >= 0. Received: eta={eta!r}"
+            f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
         )
-    return float(eta)
+    return number
+
+
+def check_seed(name, value):
+    """`value` as an int."""
+    number = _number(value)
+    if not isinstance(number, int):
+        raise ValueError(
+            f"`{name}` must be an integer. Received: {name}={value!r}"
+        )
+    return number
 
 
 def check_normalization(normalization):
@@ -85,11 +134,13 @@ def check_non_finite_step(non_finite_step):
 
 
 def check_p(p):
-    """`p` as `2` or `math.inf` (strings "2" and "inf" are accepted)."""
-    if isinstance(p, str):
-        p = {"2": 2, "inf": math.inf}.get(p.strip().lower(), p)
-    if _is_real(p) and (p == 2 or p == math.inf):
-        return 2 if p == 2 else math.inf
+    """`p` as `2` or `math.inf` (`"inf"`, as saved configs store it, and
+    numeric strings are accepted)."""
+    if isinstance(p, str) and p.strip().lower() == "inf":
+        return math.inf
+    number = _number(p)
+    if number is not None and (number == 2 or number == math.inf):
+        return 2 if number == 2 else math.inf
     raise ValueError(f"`p` must be 2 or float('inf'). Received: p={p!r}")
 
 
@@ -100,54 +151,3 @@ def check_bool(name, value):
             f"`{name}` must be a boolean. Received: {name}={value!r}"
         )
     return value
-
-
-def check_positive_int(name, value):
-    """`value` as an int >= 1."""
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, bool)
-        or value < 1
-    ):
-        raise ValueError(
-            f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
-        )
-    return int(value)
-
-
-def check_probability(name, value):
-    """`value` as a float in (0, 1]."""
-    if not _is_real(value) or not 0 < value <= 1:
-        raise ValueError(
-            f"`{name}` must be a number in (0, 1]. Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def check_seed(name, value):
-    """`value` as an int."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise ValueError(
-            f"`{name}` must be an integer. Received: {name}={value!r}"
-        )
-    return int(value)
-
-
-def check_variant_combination(hyperparameters):
-    """Rejects combinations of options that cannot act together."""
-    looksam = hyperparameters["looksam_alpha"]
-    if looksam > 0 and hyperparameters["gsam_alpha"] > 0:
-        raise ValueError(
-            "`gsam_alpha` and `looksam_alpha` cannot both be > 0: GSAM "
-            "changes the perturbed steps' direction, LookSAM the others'; "
-            "choose one. Received: gsam_alpha="
-            f"{hyperparameters['gsam_alpha']!r}, looksam_alpha={looksam!r}"
-        )
-    if looksam > 0 and (hyperparameters["asam_every"] == 1
-                        and hyperparameters["asam_probability"] == 1.0):
-        raise ValueError(
-            "`looksam_alpha` > 0 needs steps without the perturbed pass to "
-            "act on: set `asam_every` > 1 (LookSAM's k) or "
-            f"`asam_probability` < 1. Received: looksam_alpha={looksam!r}, "
-            "asam_every=1, asam_probability=1.0"
-        )

@@ -197,9 +197,11 @@ for name, kwargs in RUNS.items():
     results[name] = {
         "weights": replicas_identical(mirrored, model.trainable_variables),
         "optimizer": replicas_identical(mirrored, model.optimizer.variables),
-        "own_state": replicas_identical(mirrored, model._looksam_direction),
+        "own_state": replicas_identical(
+            mirrored, model.variant_state.get("direction", [])),
         "own_state_set": any(
-            bool(np.any(v.numpy())) for v in model._looksam_direction),
+            bool(np.any(v.numpy()))
+            for v in model.variant_state.get("direction", [])),
         "steps": int(model.optimizer.iterations.numpy()),
         "loss_finite": bool(np.isfinite(logs["loss"]).all()),
         "sharpness": logs["sharpness"][-1],

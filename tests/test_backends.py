@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import keras_asam
-from keras_asam import schedule
+from keras_asam import second_pass as schedule
 from tests import reference
 
 SHARPNESS_CASES = {

@@ -1,52 +1,27 @@
-"""The (A)SAM train step on JAX, stateless in Keras 3's style.
+"""The train step of `ASAMModel` on JAX: the plumbing, stateless.
 
-Mirrors `keras/src/backend/jax/trainer.py`: `train_step(state, data)` takes
-and returns the values of the trainable, non-trainable, optimizer and metric
-variables. One step is
+`keras_asam/step.py` holds the step itself, once for every backend. This
+mixin mirrors `keras/src/backend/jax/trainer.py`: `train_step(state, data)`
+takes and returns the values of the trainable, non-trainable, optimizer
+and metric variables. During a step those values are held in `_Values`,
+which `_read` and `_write` use, so the shared step reads and writes
+variables as on the other backends. The perturbed pass is a second
+gradient at w + eps from values: nothing is assigned or restored. It
+starts from the non-trainable values the clean pass returned; its changes
+to float non-trainable values (BatchNorm statistics) are dropped unless
+`keep_perturbed_state`, and its metric updates are dropped.
 
-    rho_t     = rho(counter)                   (from the state)
-    g         = grad L(w)                      (clean pass: loss, metrics)
-    eps       = ascent(g, rho_t)               perturbation.py
-    g_adv     = grad L(w + eps)                (a second gradient, from values:
-                                                nothing assigned or restored)
-    d         = direction(g, g_adv)            (SAM; GSAM; LookSAM)
-    w, opt    = optimizer.stateless_apply(opt, d, w)
-                                               (w, opt as they were where
-                                                L(w + eps) or d is not finite
-                                                with non_finite_step="skip")
-
-The perturbed pass starts from the non-trainable values the clean pass
-returned (as on TensorFlow). Its changes to float non-trainable values
-(BatchNorm moving statistics) are dropped unless `keep_perturbed_state`;
-integer state (seed generators) advances; metric updates are dropped.
-
-Each step's kind (with or without the perturbed pass) is picked on the host
-from the model's count of train steps (`schedule.perturb_on_host`, Python
-integers, the same bits as on TensorFlow): two jitted step functions, no
-conditional around the pass and no host read inside the step.
-
-The `sharpness` mean is a metric kept out of `self.metrics` (so `evaluate`
-logs what a plain model logs); its variables join the metric variables of
-the state through `metrics_variables`.
+Each step's kind (with or without the perturbed pass) is picked on the
+host from the model's count of train steps: two jitted step functions, no
+conditional around the pass and no host read inside the step. The
+`sharpness` mean is kept out of `self.metrics`; its variables join the
+metric variables of the state through `metrics_variables`.
 
 Under `keras.distribution.DataParallel` the jitted step computes the loss
-of the global batch, so the ascent uses the global-batch gradient: the
-single-device step (what `sync_perturbation=True` means on TensorFlow).
-
-With `num_batch_splits = n` the batch is cut into n parts (sizes as in
-`numpy.array_split`; static at trace time), and both passes run for each:
-
-    g_s, g_adv_s = grad L_s(w), grad L_s(w + eps_s)   (eps_s from g_s)
-    g, g_adv     = sum_s |s| / |B| g_s,  sum_s |s| / |B| g_adv_s
-
-Parts of equal size go through one `lax.scan` (at most two scans: the
-larger parts, then the smaller), so the compiled step does not grow with n.
-The parts' clean predictions are joined into the batch for the loss and
-the metrics (no extra forward pass). Under DataParallel the parts are parts
-of the global batch: the step equals the single-device split step on it
-(n parts in all, not n per device as on TensorFlow, where each replica
-splits its own batch), and `sync_perturbation` has no effect, as without
-splits.
+of the global batch, so the ascent uses the global-batch gradient (what
+`sync_perturbation=True` means on TensorFlow). With `num_batch_splits = n`
+the (global) batch is cut into n parts, sizes as in `numpy.array_split`
+and static at trace time; parts of equal size go through one `lax.scan`.
 """
 
 import jax
@@ -54,12 +29,100 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_asam import directions
-from keras_asam.backend.common import CommonTrainStep
+from keras_asam.step import SharedStep
 
 
-class JaxTrainStep(CommonTrainStep):
+class _Values:
+    """The values of the model's variables during one traced step."""
+
+    def __init__(self, model, state):
+        trainable, non_trainable, optimizer, metrics = state
+        self.lists = [list(trainable), list(non_trainable), list(optimizer),
+                      list(metrics)]
+        self.where = model._value_index()
+
+    def state(self):
+        return tuple(self.lists)
+
+
+class JaxTrainStep(SharedStep):
     """`train_step` of `ASAMModel` for the JAX backend (a mixin)."""
+
+    def train_step(self, state, data, run=True):
+        """One step; `run` (a Python bool picked on the host) says whether
+        it takes the perturbed pass."""
+        self._check_trainable()
+        values = _Values(self, state)
+        object.__setattr__(self, "_values", values)
+        try:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            batch = (x, y, sample_weight)
+            trainable, non_trainable = values.lists[0], values.lists[1]
+            rho = self._rho_this_step()
+            ctx = self._context(rho, run)
+            if run and self.num_batch_splits > 1:
+                (loss, y_pred, non_trainable, gradients, adversarial,
+                 adversarial_loss) = self._split_passes(
+                    self._passes, trainable, non_trainable,
+                    values.lists[3], batch, rho)
+            elif not self._takes_clean_pass(run):
+                # One pass, at w + eps from the variant's state.
+                eps = self._eps(self._ascent(None, ctx), trainable, rho)
+                (loss, y_pred, non_trainable, values.lists[3]), adversarial = (
+                    self._passes(_moved(trainable, eps), non_trainable,
+                                 values.lists[3], batch))
+                gradients, adversarial_loss = None, loss
+            else:
+                (loss, y_pred, non_trainable, values.lists[3]), gradients = (
+                    self._passes(trainable, non_trainable, values.lists[3],
+                                 batch))
+                adversarial, adversarial_loss = gradients, loss
+                if run:
+                    adversarial, adversarial_loss, non_trainable = (
+                        self._perturbed_pass(
+                            self._passes, trainable,
+                            self._ascent(gradients, ctx), gradients,
+                            list(non_trainable), values.lists[3], rho, batch))
+            values.lists[1] = list(non_trainable)
+            ctx = ctx.replace(loss=loss, adversarial_loss=adversarial_loss)
+            self._update(gradients, adversarial, ctx)
+            self._count_step()
+            sharpness = None if gradients is None else adversarial_loss - loss
+            logs = self._logs(x, y, y_pred, sample_weight, loss, sharpness, run)
+            return logs, values.state()
+        finally:
+            object.__setattr__(self, "_values", None)
+
+    # -- values ---------------------------------------------------------------
+
+    def _value_index(self):
+        """id(variable) -> (list, index) in the step's state."""
+        groups = (self.trainable_variables, self.non_trainable_variables,
+                  self.optimizer.variables, self.metrics_variables)
+        return {id(v): (k, i) for k, group in enumerate(groups)
+                for i, v in enumerate(group)}
+
+    def _read(self, variable):
+        values = self.__dict__.get("_values")
+        if values is None or id(variable) not in values.where:
+            return variable.value
+        k, i = values.where[id(variable)]
+        return values.lists[k][i]
+
+    def _write(self, variable, value):
+        values = self.__dict__.get("_values")
+        if values is None:
+            return variable.assign(value)
+        k, i = values.where[id(variable)]
+        values.lists[k][i] = jnp.asarray(value, values.lists[k][i].dtype)
+
+    def _optimizer_scope(self):
+        return keras.StatelessScope(state_mapping=[
+            (v, self._read(v)) for v in self.optimizer.variables])
+
+    def _counter_dtype(self):
+        """int64, or int32 without JAX's 64-bit mode (which has no int64)."""
+        return "int64" if jax.config.jax_enable_x64 else "int32"
 
     @property
     def metrics_variables(self):
@@ -69,118 +132,32 @@ class JaxTrainStep(CommonTrainStep):
             variables = variables + list(tracker.variables)
         return variables
 
-    def _nt_index(self, variable):
-        for i, v in enumerate(self.non_trainable_variables):
-            if v is variable:
-                return i
-        raise ValueError(f"{variable.path} is not a non-trainable variable")
+    # -- the passes -------------------------------------------------------
 
-    def _optimizer_mapping(self, optimizer_variables):
-        return list(zip(self.optimizer.variables, optimizer_variables))
+    def _passes(self, values, non_trainable, metrics, part):
+        """Value and gradient of the (scaled) loss on `part`, an
+        `(x, y, sample_weight)` of the batch, at `values`: returns
+        `((loss, y_pred, non_trainable, metrics), gradients)`."""
+        (_, aux), gradients = jax.value_and_grad(
+            self.compute_loss_and_updates, has_aux=True)(
+            values, non_trainable, metrics, *part, training=True,
+            optimizer_variables=self._values.lists[2])
+        return aux, gradients
 
-    def _rho_value(self, non_trainable, optimizer_variables):
-        """rho_t as a float32 scalar; a negative or non-finite value is 0."""
-        if self.rho_schedule is None:
-            rho = non_trainable[self._nt_index(self._rho)]
-        else:
-            with keras.StatelessScope(
-                state_mapping=self._optimizer_mapping(optimizer_variables)
-            ):
-                rho = self.rho_schedule(self._learning_rate_counter())
-        rho = jnp.asarray(rho, jnp.float32)
-        return jnp.where(jnp.isfinite(rho) & (rho > 0), rho, 0.0)
-
-    def _loss_scale(self, optimizer_variables):
-        optimizer = self.optimizer
-        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            return jnp.float32(1.0)
-        with keras.StatelessScope(
-            state_mapping=self._optimizer_mapping(optimizer_variables)
-        ):
-            return jnp.asarray(optimizer.dynamic_scale.value, jnp.float32)
-
-    def train_step(self, state, data, run=True):
-        """One step; `run` (a Python bool picked on the host) says whether
-        it takes the perturbed pass."""
-        (trainable, non_trainable, optimizer_variables,
-         metrics_variables) = state
-        self._check_trainable()
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        grad_fn = jax.value_and_grad(
-            self.compute_loss_and_updates, has_aux=True
-        )
-
-        batch = (x, y, sample_weight)
-
-        def passes(values, non_trainable, metrics, part):
-            """Value and gradient of the (scaled) loss on `part`, an
-            `(x, y, sample_weight)` of the batch."""
-            return grad_fn(
-                values, non_trainable, metrics, *part,
-                training=True, optimizer_variables=optimizer_variables,
-            )
-
-        if run and self.num_batch_splits > 1:
-            rho = self._rho_value(non_trainable, optimizer_variables)
-            (loss, y_pred, new_non_trainable, metrics_variables, gradients,
-             adversarial, adversarial_loss) = self._split_passes(
-                passes, trainable, non_trainable, metrics_variables, batch,
-                rho,
-            )
-        else:
-            # Pass 1 at w: the loss, the metrics and the ascent direction.
-            (_, aux), gradients = passes(
-                trainable, non_trainable, metrics_variables, batch
-            )
-            loss, y_pred, new_non_trainable, metrics_variables = aux
-            new_non_trainable = list(new_non_trainable)
-            adversarial, adversarial_loss = gradients, loss
-            if run:
-                rho = self._rho_value(non_trainable, optimizer_variables)
-                adversarial, adversarial_loss, new_non_trainable = (
-                    self._perturbed_pass(
-                        passes, trainable, gradients, new_non_trainable,
-                        metrics_variables, rho, batch,
-                    )
-                )
-
-        descent = self._descent_direction(
-            gradients, adversarial, adversarial_loss, run,
-            new_non_trainable, optimizer_variables,
-        )
-        trainable, optimizer_variables = self._apply(
-            optimizer_variables, descent, trainable,
-            self._update_is_finite(adversarial_loss, descent)
-            if run and self._non_finite_step() == "skip" else None,
-        )
-        steps = self._nt_index(self._train_steps)
-        new_non_trainable[steps] = non_trainable[steps] + 1
-
-        logs, metrics_variables = self._update_metrics(
-            metrics_variables, loss, x, y, y_pred, sample_weight,
-            adversarial_loss - loss if run else None,
-        )
-        return logs, (trainable, new_non_trainable, optimizer_variables,
-                      metrics_variables)
-
-    def _perturbed_pass(self, passes, trainable, gradients, non_trainable,
-                        metrics_variables, rho, part):
-        """Pass 2 at w + eps (eps from `gradients`), from the non-trainable
+    def _perturbed_pass(self, passes, trainable, ascent, gradients,
+                        non_trainable, metrics_variables, rho, part):
+        """Pass 2 at w + eps (eps along `ascent`), from the non-trainable
         values of the clean pass; its metric updates are dropped.
 
         Returns `(g_adv, L(w + eps), non_trainable)`: g_adv is the clean
-        `gradients` where L(w + eps) is not finite; the float non-trainable
-        values are the clean pass's unless `keep_perturbed_state`.
+        `gradients` where L(w + eps) is not finite (by default); the float
+        non-trainable values are the clean pass's unless
+        `keep_perturbed_state`.
         """
-        eps = self._eps(gradients, trainable, rho)
-        perturbed = [
-            w if e is None else w + e.astype(w.dtype)
-            for w, e in zip(trainable, eps)
-        ]
-        (_, aux), adversarial = passes(
-            perturbed, non_trainable, metrics_variables, part
-        )
-        adversarial_loss, _, perturbed_non_trainable, _ = aux
+        eps = self._eps(ascent, trainable, rho)
+        (adversarial_loss, _, perturbed_non_trainable, _), adversarial = (
+            passes(_moved(trainable, eps), non_trainable, metrics_variables,
+                   part))
         float_state = {id(v) for v in self._float_state()}
         non_trainable = [
             clean if (id(v) in float_state
@@ -222,10 +199,10 @@ class JaxTrainStep(CommonTrainStep):
             rho: Scalar rho_t.
 
         Returns:
-            `(loss, y_pred, non_trainable, metrics_variables, g, g_adv,
-            L_adv)`: the batch's loss from the parts' clean predictions
-            joined in `y_pred` (the metric variables updated by that loss
-            once), and the size-weighted means above.
+            `(loss, y_pred, non_trainable, g, g_adv, L_adv)`: the batch's
+            loss from the parts' clean predictions joined in `y_pred` (the
+            metric variables updated by that loss once), and the
+            size-weighted means above.
         """
         self._warn_about_batchnorm()
         batch = next(
@@ -254,12 +231,11 @@ class JaxTrainStep(CommonTrainStep):
 
             def body(carry, part, size=size, share=share):
                 state, gradient_sums, adversarial_sums, sharpness = carry
-                (_, aux), gradients = passes(
+                (part_loss, part_pred, after, _), gradients = passes(
                     trainable, state, metrics_variables, part
                 )
-                part_loss, part_pred, after, _ = aux
                 adversarial, adversarial_loss, after = self._perturbed_pass(
-                    passes, trainable, gradients, list(after),
+                    passes, trainable, gradients, gradients, list(after),
                     metrics_variables, rho, part,
                 )
                 if size < 2:
@@ -307,90 +283,52 @@ class JaxTrainStep(CommonTrainStep):
             trainable, state, metrics_variables, x=x, y=y, y_pred=y_pred,
             sample_weight=sample_weight, training=True,
         )
-        return (loss, y_pred, list(state), metrics_variables, gradients,
-                adversarial, loss + sharpness)
+        self._values.lists[3] = metrics_variables
+        return (loss, y_pred, list(state), gradients, adversarial,
+                loss + sharpness)
 
-    def _apply(self, optimizer_variables, descent, trainable, finite):
+    # -- the update and the logs ----------------------------------------------
+
+    def _apply(self, descent, finite):
         """The optimizer's update; none (the values as they were) where
-        `finite` (`non_finite_step="skip"`; `None` without it) is false."""
-        def apply(values):
-            optimizer_variables, trainable = values
+        `finite` (`None`: always) is false."""
+        values = self._values
+
+        def apply(pair):
+            optimizer_variables, trainable = pair
             return self.optimizer.stateless_apply(
                 optimizer_variables, descent, trainable
             )
 
-        values = (optimizer_variables, trainable)
+        pair = (values.lists[2], values.lists[0])
         if finite is None:
-            return apply(values)
-        return jax.lax.cond(
-            finite, apply,
-            lambda values: (values[1], values[0]), values,
-        )
+            trainable, optimizer_variables = apply(pair)
+        else:
+            trainable, optimizer_variables = jax.lax.cond(
+                finite, apply, lambda pair: (pair[1], pair[0]), pair)
+        values.lists[0] = list(trainable)
+        values.lists[2] = list(optimizer_variables)
 
-    def _finite_or_clean(self, adversarial, gradients, adversarial_loss):
-        """g_adv, or g where L(w + eps) is not finite (a select). Under a
-        `LossScaleOptimizer` or with `non_finite_step="skip"` g_adv as is:
-        the update is skipped instead (`_apply`)."""
-        if self._non_finite_step() != "clean_gradient":
-            return adversarial
-        finite = jnp.isfinite(adversarial_loss)
-        return [jnp.where(finite, ga, g)
-                for ga, g in zip(adversarial, gradients)]
+    def _add_to_weights(self, deltas):
+        trainable = self._values.lists[0]
+        for i, delta in enumerate(deltas):
+            if delta is not None:
+                trainable[i] = trainable[i] + delta.astype(trainable[i].dtype)
 
-    def _descent_direction(self, gradients, adversarial, adversarial_loss,
-                           run, non_trainable, optimizer_variables):
-        """What the optimizer applies; LookSAM's g_v is updated in
-        `non_trainable` (in place) on the perturbed steps."""
-        if self.gsam_alpha > 0 and run:
-            scale = self._loss_scale(optimizer_variables)
-            return directions.gsam_direction(
-                gradients, adversarial, self.gsam_alpha,
-                epsilon=directions.GSAM_EPSILON * scale * scale,
-            )
-        if self.looksam_alpha > 0:
-            indices = [self._nt_index(v) for v in self._looksam_direction]
-            if run:
-                candidate = directions.looksam_orthogonal(
-                    gradients, adversarial
-                )
-                norm = directions.dot(candidate, candidate)
-                keep = jnp.isfinite(norm) & jnp.isfinite(adversarial_loss)
-                for i, c in zip(indices, candidate):
-                    non_trainable[i] = jnp.where(keep, c, non_trainable[i])
-                return adversarial
-            gradient_norm = jnp.sqrt(directions.dot(gradients, gradients))
-            correction = directions.looksam_correction(
-                gradient_norm, [non_trainable[i] for i in indices],
-                self.looksam_alpha,
-            )
-            return [g.astype(jnp.float32) + c
-                    for g, c in zip(gradients, correction)]
-        return adversarial if run else gradients
-
-    def _update_metrics(self, metrics_variables, loss, x, y, y_pred,
-                        sample_weight, sharpness):
-        """The loss, compiled metrics and `sharpness`, statelessly."""
+    def _logs(self, *args):
+        """The shared logs, with the metric variables' values mapped."""
+        values = self._values
         references = self.metrics_variables
-        batch_size = next(
-            t for t in keras.tree.flatten(x) if t is not None
-        ).shape[0]
         with keras.StatelessScope(
-            state_mapping=list(zip(references, metrics_variables))
+            state_mapping=list(zip(references, values.lists[3]))
         ) as scope:
-            self._loss_tracker.update_state(loss, sample_weight=batch_size)
-            if sharpness is not None:
-                finite = jnp.isfinite(sharpness)
-                self._sharpness_tracker.update_state(
-                    jnp.where(finite, sharpness, 0.0),
-                    sample_weight=jnp.where(finite, float(batch_size), 0.0),
-                )
-            logs = self.compute_metrics(x, y, y_pred, sample_weight)
-            logs["sharpness"] = self._sharpness_tracker.result()
-        new = []
-        for reference, value in zip(references, metrics_variables):
-            current = scope.get_current_value(reference)
-            new.append(value if current is None else current)
-        return logs, new
+            logs = super()._logs(*args)
+        values.lists[3] = [
+            value if scope.get_current_value(v) is None
+            else scope.get_current_value(v)
+            for v, value in zip(references, values.lists[3])
+        ]
+        return logs
 
     # -- the train function: each step's kind picked on the host ----------
 
@@ -403,6 +341,7 @@ class JaxTrainStep(CommonTrainStep):
         out_shardings = None
         if keras.distribution.distribution() is not None:
             out_shardings = (None, self._get_state_sharding_spec())
+        where = self._value_index()
 
         def step_for(run):
             if run not in compiled:
@@ -415,6 +354,10 @@ class JaxTrainStep(CommonTrainStep):
                 compiled[run] = step
             return compiled[run]
 
+        def host_value(state, variable):
+            k, i = where[id(variable)]
+            return np.asarray(state[k][i])
+
         def train_function(state, iterator):
             logs = None
             for k in range(self.steps_per_execution):
@@ -425,11 +368,16 @@ class JaxTrainStep(CommonTrainStep):
                         raise
                     break
                 run = self._host_choice(
-                    lambda: np.asarray(
-                        state[1][self._nt_index(self._train_steps)]),
-                    lambda: np.asarray(state[1][self._nt_index(self._rho)]),
+                    lambda: host_value(state, self._train_steps),
+                    lambda: host_value(state, self._rho),
                 )
                 logs, state = step_for(run)(state, data)
             return logs, state
 
         self.train_function = train_function
+
+
+def _moved(values, eps):
+    """w + eps, value by value (w where eps is `None`)."""
+    return [w if e is None else w + e.astype(w.dtype)
+            for w, e in zip(values, eps)]

@@ -1,32 +1,23 @@
-"""The (A)SAM train step on TensorFlow: the Keras plumbing around the maths.
+"""The train step of `ASAMModel` on TensorFlow: the plumbing.
 
-Read top to bottom, one step is
-
-    rho_t     = rho(counter)                        (a number or a schedule)
-    run       = does this step run the perturbed pass?   (schedule, rho_t > 0)
-    g         = grad L(w)                           (clean pass: loss, metrics)
-    eps       = ascent(g on the selected variables, rho_t)   perturbation.py
-    g_adv     = grad L(w + eps)                     (perturbed pass, restore w)
-    d         = direction(g, g_adv)                 (SAM; GSAM; LookSAM)
-    optimizer.apply(d)                  (none where L(w + eps) or d is not
-                                         finite with non_finite_step="skip")
-
-With `num_batch_splits = n`, the clean and perturbed passes run for each of
-n parts of the batch inside one `tf.while_loop`; g and g_adv are the
-size-weighted means over the parts.
-
-`ASAMModel` (model.py) holds the hyperparameters; this mixin only reads them.
+`keras_asam/step.py` holds the step itself, once for every backend. This
+mixin owns what is TensorFlow's: the passes under `tf.GradientTape`,
+moving the variables to w + eps and restoring them from a saved copy (never
+by subtracting eps, so mirrored replicas stay bitwise identical), the
+replica context of `tf.distribute` (`keras_asam.distribute`), `tf.cond`
+around the perturbed pass when the graph picks a step's kind, the
+`tf.while_loop` over the parts of a split batch, and the choice of each
+step's kind on the host.
 """
-
 
 import keras
 import tensorflow as tf
 
-from keras_asam import directions, distribute, schedule
-from keras_asam.backend.common import StepHelpers
+from keras_asam import distribute, second_pass
+from keras_asam.step import SharedStep
 
 
-class TensorFlowTrainStep(StepHelpers):
+class TensorFlowTrainStep(SharedStep):
     """`train_step` of `ASAMModel` for the TensorFlow backend (a mixin)."""
 
     def train_step(self, data, run_choice=None):
@@ -37,13 +28,19 @@ class TensorFlowTrainStep(StepHelpers):
         `None` leaves it to the graph (the schedule's `tf.cond`).
         """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        batch_size = tf.shape(
-            next(t for t in tf.nest.flatten(x) if t is not None)
-        )[0]
         rho = self._rho_this_step()
         run = self._runs_perturbed_pass(rho, run_choice)
+        ctx = self._context(rho, run)
 
-        if self.num_batch_splits > 1 and run is not False:
+        if not self._takes_clean_pass(run):
+            # One pass, at w + eps from the variant's state.
+            eps = self._eps(self._ascent(None, ctx),
+                            [v.value for v in self.trainable_variables], rho)
+            y_pred, loss, adversarial = self._at(
+                eps, lambda: self._loss_and_gradients(x, y, sample_weight),
+                state=[])
+            gradients, adversarial_loss = None, loss
+        elif self.num_batch_splits > 1 and run is not False:
             y_pred, loss, gradients, adversarial, adversarial_loss = (
                 self._split_passes(x, y, sample_weight, rho, run)
             )
@@ -54,13 +51,9 @@ class TensorFlowTrainStep(StepHelpers):
             )
             adversarial, adversarial_loss = gradients, loss
             if run is not False:
-                # The ascent direction: this replica's gradient or the
-                # global one (outside any conditional: TF allows no
-                # cross-replica sync inside control flow in replica context).
-                ascent = gradients
-                if self.sync_perturbation:
-                    ascent = distribute.all_reduce_sum(gradients)
-                # Pass 2 at w + eps, on the steps that run it.
+                # Outside any conditional: TF allows no cross-replica sync
+                # inside control flow in replica context.
+                ascent = self._ascent(gradients, ctx)
                 adversarial, adversarial_loss = _maybe(
                     run,
                     lambda: self._adversarial_gradients(
@@ -70,45 +63,43 @@ class TensorFlowTrainStep(StepHelpers):
                     loss,
                 )
 
+        ctx = ctx.replace(loss=loss, adversarial_loss=adversarial_loss)
+        self._update(gradients, adversarial, ctx)
+        self._count_step()
+        sharpness = None if gradients is None else adversarial_loss - loss
+        return self._logs(x, y, y_pred, sample_weight, loss, sharpness, run)
+
+    # -- replicas -----------------------------------------------------------
+
+    def _all_reduce_sum(self, tensors):
+        return distribute.all_reduce_sum(tensors)
+
+    def _num_replicas(self):
+        return distribute.num_replicas()
+
+    def _unscale_loss(self, loss):
+        return distribute.unscale_loss(loss)
+
+    # -- the update ---------------------------------------------------------
+
+    def _apply(self, descent, finite):
+        """The optimizer's update; under `finite` (a boolean scalar, `None`
+        for always) the same on every replica."""
         variables = self.trainable_variables
-        descent = self._descent_direction(
-            gradients, adversarial, adversarial_loss, run
-        )
-        if run is not False and self._non_finite_step() == "skip":
-            # `non_finite_step="skip"`: no update anywhere if L(w + eps) or
-            # the direction is not finite on some replica.
-            finite = self._update_is_finite(adversarial_loss, descent)
-            if run is not True:
-                finite = tf.logical_or(finite, tf.logical_not(run))
+        if finite is None:
+            self.optimizer.apply_gradients(zip(descent, variables))
+        else:
             distribute.apply_gradients_if(
                 distribute.all_replicas(finite), self.optimizer, descent,
                 variables,
             )
-        else:
-            self.optimizer.apply_gradients(zip(descent, variables))
-        self._train_steps.assign_add(1)
 
-        self._loss_tracker.update_state(
-            distribute.unscale_loss(loss), sample_weight=batch_size
-        )
-        if run is not False:
-            self._track_sharpness(adversarial_loss - loss, batch_size, run)
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        logs["sharpness"] = self._sharpness_tracker.result()
-        return logs
+    def _add_to_weights(self, deltas):
+        for v, delta in zip(self.trainable_variables, deltas):
+            if delta is not None:
+                v.assign_add(tf.cast(delta, v.dtype))
 
     # -- decisions made once per step, before the passes -----------------
-
-    def _rho_this_step(self):
-        """rho_t as a float32 scalar; a negative or non-finite value is 0."""
-        if self.rho_schedule is None:
-            rho = tf.convert_to_tensor(self._rho.value)
-        else:
-            rho = tf.cast(
-                self.rho_schedule(self._learning_rate_counter()), tf.float32
-            )
-        return tf.where(tf.logical_and(tf.math.is_finite(rho), rho > 0),
-                        rho, 0.0)
 
     def _runs_perturbed_pass(self, rho, choice=None):
         """`True`/`False` (Python) or a boolean scalar tensor for `tf.cond`.
@@ -124,7 +115,7 @@ class TensorFlowTrainStep(StepHelpers):
         conditions = []
         if choice is None:
             if self._has_step_schedule():
-                conditions.append(schedule.perturb_this_step(
+                conditions.append(second_pass.perturb_this_step(
                     self._train_steps.value,
                     every=self.asam_every,
                     probability=self.asam_probability,
@@ -140,49 +131,48 @@ class TensorFlowTrainStep(StepHelpers):
 
     # -- the passes -------------------------------------------------------
 
-    def _adversarial_gradients(self, x, y, sample_weight, gradients, ascent,
-                               rho):
-        """Ascent to w + eps along `ascent`, pass 2 there, and back to w
-        exactly.
-
-        Returns the gradient at w + eps (or the clean `gradients` if
-        L(w + eps) is not finite) and the loss at w + eps.
-        """
-        variables = self.trainable_variables
-        eps = self._eps(ascent, [v.value for v in variables], rho)
-
-        # Keep a copy of w and of the state to restore, then step to w + eps.
-        moved = [(v, e) for v, e in zip(variables, eps) if e is not None]
-        saved_weights = [tf.identity(v.value) for v, _ in moved]
-        state = self._state_to_restore()
+    def _at(self, eps, compute, state):
+        """`compute()` with the variables at w + eps, then w restored
+        exactly, and `state` (variables whose changes are discarded) as it
+        was."""
+        moved = [(v, e) for v, e in zip(self.trainable_variables, eps)
+                 if e is not None]
+        saved = [tf.identity(v.value) for v, _ in moved]
         saved_state = [tf.identity(v.value) for v in state]
         for v, e in moved:
             v.assign_add(tf.cast(e, v.dtype))
-
-        _, adversarial_loss, adversarial = self._loss_and_gradients(
-            x, y, sample_weight
-        )
-
-        restored = [v for v, _ in moved] + state
-        for v, value in zip(restored, saved_weights + saved_state):
+        result = compute()
+        for v, value in zip([v for v, _ in moved] + state,
+                            saved + saved_state):
             v.assign(value)
-        return (
-            self._finite_or_clean(
-                adversarial, gradients, adversarial_loss,
-                lambda: self._clean_gradients_again(x, y, sample_weight),
-            ),
-            adversarial_loss,
-        )
+        return result
 
-    def _clean_gradients_again(self, x, y, sample_weight):
-        """g at w once more, state restored after: the non-finite fallback
-        recomputes it rather than keeping g alive through pass 2."""
-        state = self._state_to_restore()
-        saved_state = [tf.identity(v.value) for v in state]
-        _, _, gradients = self._loss_and_gradients(x, y, sample_weight)
-        for v, value in zip(state, saved_state):
-            v.assign(value)
-        return gradients
+    def _adversarial_gradients(self, x, y, sample_weight, gradients, ascent,
+                               rho):
+        """Pass 2 at w + eps, eps along `ascent`; returns g_adv (or g where
+        L(w + eps) is not finite, see `_finite_or_clean`) and L(w + eps)."""
+        eps = self._eps(ascent, [v.value for v in self.trainable_variables],
+                        rho)
+        _, adversarial_loss, adversarial = self._at(
+            eps, lambda: self._loss_and_gradients(x, y, sample_weight),
+            self._state_to_restore())
+        if (self._falls_back_to_clean() and not self.jit_compile
+                and self.variant is None and self.num_batch_splits == 1):
+            # Nothing else needs g after pass 2: the fallback recomputes it
+            # in a conditional instead of keeping it alive through pass 2
+            # (under XLA a select fuses into the update instead).
+            like = [None if ga is None or g is None else ga
+                    for ga, g in zip(adversarial, gradients)]
+            return _cond_lists(
+                tf.math.is_finite(adversarial_loss), lambda: adversarial,
+                lambda: self._at(
+                    [None] * len(like),
+                    lambda: self._loss_and_gradients(x, y, sample_weight)[2],
+                    self._state_to_restore()),
+                like=like,
+            ), adversarial_loss
+        return self._finite_or_clean(
+            adversarial, gradients, adversarial_loss), adversarial_loss
 
     def _split_passes(self, x, y, sample_weight, rho, run):
         """Both passes for each of `num_batch_splits` parts of the batch.
@@ -193,7 +183,7 @@ class TensorFlowTrainStep(StepHelpers):
         batch from them, and the size-weighted means of g_s,
         grad L_s(w + eps_s) and L_s(w + eps_s) - L_s(w) + loss.
         """
-        if self.sync_perturbation and distribute.num_replicas() > 1:
+        if self.sync_perturbation and self._num_replicas() > 1:
             raise ValueError(
                 "`num_batch_splits` > 1 with `sync_perturbation=True` under "
                 "a distribution strategy is not supported: each part must "
@@ -345,147 +335,61 @@ class TensorFlowTrainStep(StepHelpers):
         unique = {id(v): v for v in state}
         return list(unique.values())
 
-    # -- the descent ----------------------------------------------------------
+    # -- XLA and the train function -------------------------------------------
 
-    def _finite_or_clean(self, adversarial, gradients, adversarial_loss,
-                         recompute=None):
-        """The adversarial gradient, or the clean one if L(w + eps) is not
-        finite.
+    # With `num_batch_splits` > 1 the parts of a batch have sizes XLA cannot
+    # know when it compiles the loop over them: `jit_compile="auto"`
+    # resolves to `False` and `jit_compile=True` raises. (On JAX the sizes
+    # are static when the step is traced, and it stays jitted.)
 
-        A huge `rho` can push w + eps where the loss overflows. Without loss
-        scaling the step then falls back to the clean gradient instead of
-        writing NaN weights. A `LossScaleOptimizer` gets the adversarial
-        gradient as is: it skips non-finite steps and lowers its scale.
+    def _resolve_auto_jit_compile(self):
+        if self.num_batch_splits > 1:
+            return False
+        return super()._resolve_auto_jit_compile()
 
-        Without XLA, and when nothing else needs g after pass 2 (no GSAM,
-        LookSAM or batch splits), the fallback recomputes g in a conditional
-        (`recompute`), so g need not stay in memory through pass 2; under
-        XLA a select fuses into the update (a conditional costs more than
-        the step there) and keeps g. With `non_finite_step="skip"` the
-        adversarial gradient goes on as is and the step skips the update
-        (`train_step`), so nothing keeps g.
-        """
-        if self._non_finite_step() != "clean_gradient":
-            return adversarial
-        finite = tf.math.is_finite(adversarial_loss)
-        like = [None if g_adv is None or g is None else g_adv
-                for g_adv, g in zip(adversarial, gradients)]
-        if self.jit_compile or recompute is None or self._keeps_gradients():
-            return [
-                None if g_adv is None or g is None
-                else tf.where(finite, g_adv, g)
-                for g_adv, g in zip(adversarial, gradients)
-            ]
-        return _cond_lists(finite, lambda: adversarial, recompute, like=like)
-
-    def _keeps_gradients(self):
-        """Whether the step uses g after pass 2 anyway."""
-        return (self.gsam_alpha > 0 or self.looksam_alpha > 0
-                or self.num_batch_splits > 1)
-
-    def _descent_direction(self, gradients, adversarial, adversarial_loss,
-                           run):
-        """What the optimizer applies: g_adv, or GSAM's or LookSAM's
-        direction (`directions.py`)."""
-        if run is False:
-            if self.looksam_alpha > 0:
-                return self._looksam(gradients, adversarial, adversarial_loss,
-                                     run)
-            return gradients
-        if self.gsam_alpha > 0:
-            return self._gsam(gradients, adversarial)
-        if self.looksam_alpha > 0:
-            return self._looksam(gradients, adversarial, adversarial_loss, run)
-        return adversarial
-
-    def _loss_scale(self):
-        """The loss scale of a `LossScaleOptimizer` (as its `scale_loss`
-        reads it), else 1."""
-        optimizer = self.optimizer
-        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            return tf.constant(1.0)
-        if optimizer.built:
-            return tf.cast(optimizer.dynamic_scale, tf.float32)
-        return tf.constant(float(optimizer.initial_scale))
-
-    def _gsam(self, gradients, adversarial):
-        """GSAM on this replica's gradients, or on the global ones with
-        `sync_perturbation` (then divided by the number of replicas, since
-        the optimizer sums what the replicas hand it)."""
-        replicas = distribute.num_replicas()
-        synced = self.sync_perturbation and replicas > 1
-        if synced:
-            gradients = distribute.all_reduce_sum(gradients)
-            adversarial = distribute.all_reduce_sum(adversarial)
-        scale = self._loss_scale()
-        direction = directions.gsam_direction(
-            gradients, adversarial, self.gsam_alpha,
-            epsilon=directions.GSAM_EPSILON * scale * scale,
-        )
-        if synced:
-            direction = [None if d is None else d / replicas
-                         for d in direction]
-        return direction
-
-    def _looksam(self, gradients, adversarial, adversarial_loss, run):
-        """LookSAM: keep g_v from the perturbed steps, add it on the others.
-
-        g_v comes from the global (all-replica) g and g_adv, so it is the
-        same on every replica. When the host picked the step's kind (`run`
-        is `True` or `False`) only that half is traced; when the graph picks
-        it, selects, not a conditional, keep the update outside any control
-        flow.
-        """
-        replicas = distribute.num_replicas()
-        global_gradients = distribute.all_reduce_sum(gradients)
-        if run is not False:
-            global_adversarial = distribute.all_reduce_sum(adversarial)
-            candidate = directions.looksam_orthogonal(
-                global_gradients, global_adversarial
+    @keras.Model.jit_compile.setter
+    def jit_compile(self, value):
+        if value and self.num_batch_splits > 1:
+            raise ValueError(
+                "`num_batch_splits` > 1 does not compile with XLA on "
+                "TensorFlow: the parts' sizes are not static. Use "
+                "`jit_compile=False`. "
+                "Received: jit_compile=True, num_batch_splits="
+                f"{self.num_batch_splits}"
             )
-            candidate_norm = directions.dot(candidate, candidate)
-            keep = tf.logical_and(tf.math.is_finite(candidate_norm),
-                                  tf.math.is_finite(adversarial_loss))
-            if run is not True:
-                keep = tf.logical_and(keep, run)
-            for v, c in zip(self._looksam_direction, candidate):
-                if c is not None:
-                    v.assign(tf.where(keep, c, v.value))
-            if run is True:
-                return adversarial
-        gradient_norm = tf.sqrt(
-            directions.dot(global_gradients, global_gradients)
-        )
-        correction = directions.looksam_correction(
-            gradient_norm, [v.value for v in self._looksam_direction],
-            self.looksam_alpha,
-        )
-        if replicas > 1:
-            correction = [None if c is None else c / replicas
-                          for c in correction]
-        reused = [
-            None if g is None else tf.cast(g, tf.float32) + c
-            for g, c in zip(gradients, correction)
-        ]
-        if run is False:
-            return reused
-        return [
-            None if g_adv is None else tf.where(
-                run, tf.cast(g_adv, tf.float32), r)
-            for g_adv, r in zip(adversarial, reused)
-        ]
+        keras.Model.jit_compile.fset(self, value)
 
-    def _track_sharpness(self, sharpness, batch_size, run):
-        """Adds L(w + eps) - L(w) to the `sharpness` mean, for the steps
-        that computed it (finite values only)."""
-        sharpness = distribute.unscale_loss(sharpness)
-        finite = tf.math.is_finite(sharpness)
-        if run is not True:
-            finite = tf.logical_and(finite, run)
-        self._sharpness_tracker.update_state(
-            tf.where(finite, sharpness, 0.0),
-            sample_weight=tf.where(finite, tf.cast(batch_size, "float32"), 0.0),
-        )
+    def make_train_function(self, force=False):
+        """Keras' train function, or, when each call runs one step, a pair
+        of them: with and without the perturbed pass, picked per call from
+        the schedules and `rho` on the host (no conditional in the graph,
+        no device read per step)."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.variant is not None:
+            self.variant.check_optimizer(self.optimizer)
+        if self.steps_per_execution != 1 or not (
+            self._has_step_schedule() or self._rho_schedule is None
+        ):
+            return super().make_train_function(force=force)
+        functions = {}
+
+        def train_function(iterator):
+            # The host's count advances only after the step ran: the call
+            # that finds the iterator exhausted takes no step.
+            run = self._host_choice(
+                lambda: self.train_steps,
+                lambda: keras.ops.convert_to_numpy(self._rho), advance=False)
+            if run not in functions:
+                functions[run] = self._make_function(
+                    lambda data: self.train_step(data, run_choice=run)
+                )
+            logs = functions[run](iterator)
+            self._host_step += 1
+            return logs
+
+        self.train_function = train_function
+        return train_function
 
 
 def _maybe(run, adversarial_fn, gradients, loss):

@@ -1,28 +1,13 @@
-"""The (A)SAM train step on PyTorch.
+"""The train step of `ASAMModel` on PyTorch: the plumbing.
 
-Mirrors `keras/src/backend/torch/trainer.py`. One step is
-
-    rho_t     = rho(counter)
-    g         = grad L(w)                      (clean pass: loss, metrics)
-    eps       = ascent(g, rho_t)               perturbation.py, under no_grad
-    w        += eps                            under no_grad, from a saved copy
-    g_adv     = grad L(w + eps)                (grads zeroed before the pass)
-    w         = the saved copy                 (restored, never w - eps)
-    d         = direction(g, g_adv)            (SAM; GSAM; LookSAM)
-    optimizer.apply(d)                         under no_grad (not where
-                                               L(w + eps) or d is not finite
-                                               with non_finite_step="skip")
-
-The ascent touches no optimizer state. Metric variables, and unless
-`keep_perturbed_state` the float non-trainable variables (BatchNorm moving
-statistics), are restored after the perturbed pass. Each step's kind is
-picked on the host (`schedule.perturb_on_host`), as on TensorFlow and JAX.
-
-With `num_batch_splits = n` both passes run for each of n parts of the
-batch (sizes as in `numpy.array_split`), each perturbing along its own
-gradient; g and g_adv are the size-weighted means over the parts, and the
-loss and metrics come from the parts' clean predictions joined into the
-batch (no extra forward pass).
+`keras_asam/step.py` holds the step itself, once for every backend. This
+mixin mirrors `keras/src/backend/torch/trainer.py`: the passes zero and read
+`.grad`; the ascent moves the variables under `torch.no_grad()` from a
+saved copy and restores them exactly (never w - eps), touching no optimizer
+state; metric variables, and unless `keep_perturbed_state` the float
+non-trainable variables (BatchNorm statistics), are restored after the
+perturbed pass. The step runs eagerly; each step's kind is picked on the
+host, as on TensorFlow and JAX.
 """
 
 import warnings
@@ -31,22 +16,64 @@ import keras
 import numpy as np
 import torch
 
-from keras_asam import directions
-from keras_asam.backend.common import CommonTrainStep
+from keras_asam.step import SharedStep
 
 
-class TorchTrainStep(CommonTrainStep):
+class TorchTrainStep(SharedStep):
     """`train_step` of `ASAMModel` for the PyTorch backend (a mixin)."""
 
-    def _rho_this_step(self):
-        """rho_t as a float32 scalar; a negative or non-finite value is 0."""
-        if self.rho_schedule is None:
-            rho = self._rho.value
+    def train_step(self, data, run=True):
+        """One step; `run` (a Python bool picked on the host) says whether
+        it takes the perturbed pass."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with torch.no_grad():
+            rho = self._rho_this_step()
+            ctx = self._context(rho, run)
+        if run and self.num_batch_splits > 1:
+            y_pred, loss, gradients, adversarial, adversarial_loss = (
+                self._split_passes(x, y, sample_weight, rho)
+            )
+        elif not self._takes_clean_pass(run):
+            # One pass, at w + eps from the variant's state.
+            with torch.no_grad():
+                eps = self._eps(_detached(self._ascent(None, ctx)),
+                                self._values(), rho)
+            y_pred, loss, adversarial = self._at(
+                eps, lambda: self._loss_and_gradients(x, y, sample_weight),
+                state=[])
+            gradients, adversarial_loss = None, loss
         else:
-            rho = self.rho_schedule(self._learning_rate_counter())
-        rho = keras.ops.cast(rho, "float32")
-        return torch.where(torch.isfinite(rho) & (rho > 0), rho,
-                           torch.zeros_like(rho))
+            y_pred, loss, gradients = self._loss_and_gradients(
+                x, y, sample_weight
+            )
+            adversarial, adversarial_loss = gradients, loss
+            if run:
+                with torch.no_grad():
+                    ascent = self._ascent(_detached(gradients), ctx)
+                adversarial, adversarial_loss = self._adversarial_gradients(
+                    x, y, sample_weight, gradients, ascent, rho
+                )
+        ctx = ctx.replace(loss=loss, adversarial_loss=adversarial_loss)
+        with torch.no_grad():
+            self._update(gradients, adversarial, ctx)
+            self._count_step()
+        self.zero_grad()
+        sharpness = None if gradients is None else adversarial_loss - loss
+        return self._logs(x, y, y_pred, sample_weight, loss, sharpness, run)
+
+    def _apply(self, descent, finite):
+        if finite is None or bool(finite):
+            self.optimizer.apply(descent, self.trainable_variables)
+
+    def _add_to_weights(self, deltas):
+        for v, delta in zip(self.trainable_variables, deltas):
+            if delta is not None:
+                v.assign_add(delta.to(v.value.dtype))
+
+    # -- the passes -------------------------------------------------------
+
+    def _values(self):
+        return [v.value.detach() for v in self.trainable_variables]
 
     def _loss_and_gradients(self, x, y, sample_weight):
         """Forward and backward pass; returns (y_pred, loss, gradients),
@@ -65,88 +92,41 @@ class TorchTrainStep(CommonTrainStep):
         gradients = [v.value.grad for v in self.trainable_variables]
         return y_pred, loss.detach(), gradients
 
-    def train_step(self, data, run=True):
-        """One step; `run` (a Python bool picked on the host) says whether
-        it takes the perturbed pass."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        batch_size = next(
-            t for t in keras.tree.flatten(x) if t is not None
-        ).shape[0]
-        if run and self.num_batch_splits > 1:
-            y_pred, loss, gradients, adversarial, adversarial_loss = (
-                self._split_passes(x, y, sample_weight)
-            )
-        else:
-            y_pred, loss, gradients = self._loss_and_gradients(
-                x, y, sample_weight
-            )
-            adversarial, adversarial_loss = gradients, loss
-            if run:
-                adversarial, adversarial_loss = self._adversarial_gradients(
-                    x, y, sample_weight, gradients
-                )
-        variables = self.trainable_variables
-        descent = self._descent_direction(
-            gradients, adversarial, adversarial_loss, run
-        )
-        skip = (run and self._non_finite_step() == "skip"
-                and not bool(self._update_is_finite(adversarial_loss,
-                                                    descent)))
+    def _at(self, eps, compute, state):
+        """`compute()` with the variables at w + eps, then w restored
+        exactly, and `state` (variables whose changes are discarded) as it
+        was."""
         with torch.no_grad():
-            if not skip:
-                self.optimizer.apply(descent, variables)
-            self._train_steps.assign_add(1)
-        self.zero_grad()
+            moved = [(v, e) for v, e in zip(self.trainable_variables, eps)
+                     if e is not None]
+            saved = [v.value.detach().clone() for v, _ in moved]
+            saved_state = [v.value.detach().clone() for v in state]
+            for v, e in moved:
+                v.value.add_(e.to(v.value.dtype))
+        try:
+            return compute()
+        finally:
+            with torch.no_grad():
+                for v, value in zip([v for v, _ in moved] + state,
+                                    saved + saved_state):
+                    v.assign(value)
 
-        self._loss_tracker.update_state(loss, sample_weight=batch_size)
-        if run:
-            sharpness = adversarial_loss - loss
-            finite = torch.isfinite(sharpness)
-            self._sharpness_tracker.update_state(
-                torch.where(finite, sharpness, torch.zeros_like(sharpness)),
-                sample_weight=float(batch_size) * finite.float(),
-            )
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        logs["sharpness"] = self._sharpness_tracker.result()
-        return logs
-
-    def _adversarial_gradients(self, x, y, sample_weight, gradients):
-        """Ascent to w + eps, pass 2 there, and back to w exactly."""
-        variables = self.trainable_variables
+    def _adversarial_gradients(self, x, y, sample_weight, gradients, ascent,
+                               rho):
+        """Pass 2 at w + eps, eps along `ascent`; returns g_adv (g where
+        L(w + eps) is not finite, by default) and L(w + eps)."""
         state = [v for m in self.metrics for v in m.variables]
         if not self.keep_perturbed_state:
             state += self._float_state()
         state = list({id(v): v for v in state}.values())
         with torch.no_grad():
-            rho = self._rho_this_step()
-            eps = self._eps(
-                [None if g is None else g.detach() for g in gradients],
-                [v.value.detach() for v in variables], rho,
-            )
-            moved = [(v, e) for v, e in zip(variables, eps) if e is not None]
-            saved_weights = [v.value.detach().clone() for v, _ in moved]
-            saved_state = [v.value.detach().clone() for v in state]
-            for v, e in moved:
-                v.value.add_(e.to(v.value.dtype))
-        try:
-            _, adversarial_loss, adversarial = self._loss_and_gradients(
-                x, y, sample_weight
-            )
-        finally:
-            with torch.no_grad():
-                for (v, _), value in zip(moved, saved_weights):
-                    v.assign(value)
-                for v, value in zip(state, saved_state):
-                    v.assign(value)
-        if self._non_finite_step() == "clean_gradient":
-            finite = torch.isfinite(adversarial_loss)
-            adversarial = [
-                None if ga is None or g is None else torch.where(finite, ga, g)
-                for ga, g in zip(adversarial, gradients)
-            ]
-        return adversarial, adversarial_loss
+            eps = self._eps(_detached(ascent), self._values(), rho)
+        _, adversarial_loss, adversarial = self._at(
+            eps, lambda: self._loss_and_gradients(x, y, sample_weight), state)
+        return self._finite_or_clean(
+            adversarial, gradients, adversarial_loss), adversarial_loss
 
-    def _split_passes(self, x, y, sample_weight):
+    def _split_passes(self, x, y, sample_weight, rho):
         """Both passes for each of `num_batch_splits` parts of the batch.
 
         With parts s of sizes |s| as in `numpy.array_split` (one example
@@ -165,6 +145,7 @@ class TorchTrainStep(CommonTrainStep):
             x: Inputs of the batch.
             y: Targets of the batch, or `None`.
             sample_weight: Sample weights of the batch, or `None`.
+            rho: Scalar rho_t.
 
         Returns:
             `(y_pred, loss, g, g_adv, L_adv)`: the parts' clean predictions
@@ -197,7 +178,8 @@ class TorchTrainStep(CommonTrainStep):
             )
             part_adversarial, part_adversarial_loss = (
                 self._adversarial_gradients(
-                    part_x, part_y, part_weight, part_gradients
+                    part_x, part_y, part_weight, part_gradients,
+                    part_gradients, rho,
                 )
             )
             with torch.no_grad():
@@ -230,46 +212,6 @@ class TorchTrainStep(CommonTrainStep):
         return (y_pred, loss, gradient_sums, adversarial_sums,
                 loss + sharpness)
 
-    def _loss_scale(self):
-        optimizer = self.optimizer
-        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            return 1.0
-        return keras.ops.cast(optimizer.dynamic_scale, "float32")
-
-    def _descent_direction(self, gradients, adversarial, adversarial_loss,
-                           run):
-        if self.gsam_alpha > 0 and run:
-            scale = self._loss_scale()
-            return directions.gsam_direction(
-                gradients, adversarial, self.gsam_alpha,
-                epsilon=directions.GSAM_EPSILON * scale * scale,
-            )
-        if self.looksam_alpha > 0:
-            stored = self._looksam_direction
-            if run:
-                with torch.no_grad():
-                    candidate = directions.looksam_orthogonal(
-                        gradients, adversarial
-                    )
-                    norm = directions.dot(candidate, candidate)
-                    keep = (torch.isfinite(norm)
-                            & torch.isfinite(adversarial_loss))
-                    for v, c in zip(stored, candidate):
-                        if c is not None:
-                            v.assign(torch.where(keep, c, v.value))
-                return adversarial
-            with torch.no_grad():
-                gradient_norm = torch.sqrt(
-                    directions.dot(gradients, gradients)
-                )
-                correction = directions.looksam_correction(
-                    gradient_norm, [v.value for v in stored],
-                    self.looksam_alpha,
-                )
-            return [None if g is None else g.float() + c
-                    for g, c in zip(gradients, correction)]
-        return adversarial if run else gradients
-
     # -- the train function: each step's kind picked on the host ----------
 
     def make_train_function(self, force=False):
@@ -296,6 +238,10 @@ class TorchTrainStep(CommonTrainStep):
 
         self.train_function = one_step_on_data
         return one_step_on_data
+
+
+def _detached(tensors):
+    return [None if t is None else t.detach() for t in tensors]
 
 
 def _add_scaled(totals, values, share):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_asam import ASAMModel, schedule
+from keras_asam import ASAMModel
+from keras_asam import second_pass as schedule
 from tests import reference
 
 LR = 0.1

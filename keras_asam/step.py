@@ -1,0 +1,432 @@
+"""What the train step does the same way on every backend.
+
+One step of `ASAMModel`, read top to bottom:
+
+    rho_t = rho(counter), 0 if negative or not finite     `_rho_this_step`
+    run   = does this step take the perturbed pass?       schedules, rho_t > 0
+    g     = grad L(w)                                     clean pass (backend)
+    a     = variant.ascent(g)                             `_ascent`
+    eps   = rho_t * T_w^2 a / ||T_w a||_2                 `_eps`
+    g_adv = grad L(w + eps)                               perturbed pass
+                                                          (backend), g where
+                                                          L(w + eps) is not
+                                                          finite by default
+    d     = variant.descent(g, g_adv) or off_step(g)      `_descent`
+    w     <- optimizer(w, d)                              none where L(w + eps)
+                                                          or d is not finite
+                                                          and
+                                                          `non_finite_step` is
+                                                          "skip"
+    w     <- w + variant.after_apply(g, g_adv)            `_after_apply`
+    logs: loss and metrics of the clean pass, mean of L(w + eps) - L(w)
+
+Everything here is written with `keras.ops` and the model's variables. A
+backend's mixin (`keras_asam/backend/<name>_step.py`) owns the passes, the
+replica context and all-reduce, the conditionals, and how values are read
+and written (`_read`, `_write`: JAX keeps them in its stateless state).
+"""
+
+import contextlib
+import warnings
+
+import keras
+from keras import ops
+
+from keras_asam import second_pass, selection
+from keras_asam.perturbation import is_bias, perturbation
+from keras_asam.variants.base import StepContext, Variant, overrides
+
+PLAIN = Variant()  # ASAM/SAM: ascend along g, descend along g_adv.
+
+
+class SharedStep:
+    """The backend-neutral part of `ASAMModel`'s step (a mixin).
+
+    Backends define `_read`/`_write` (values of variables), and may define
+    `_all_reduce_sum`, `_num_replicas`, `_unscale_loss` (replicas) and
+    `_optimizer_scope` (a scope in which the optimizer's variables read
+    their current values).
+    """
+
+    # -- what a backend provides ------------------------------------------
+
+    def _read(self, variable):
+        return variable.value
+
+    def _write(self, variable, value):
+        variable.assign(value)
+
+    def _all_reduce_sum(self, tensors):
+        return list(tensors)
+
+    def _num_replicas(self):
+        return 1
+
+    def _unscale_loss(self, loss):
+        return loss
+
+    def _optimizer_scope(self):
+        return contextlib.nullcontext()
+
+    # -- the model's variables ----------------------------------------------
+
+    def _symbolic_build(self, *args, **kwargs):
+        super()._symbolic_build(*args, **kwargs)
+        self._create_own_state()
+
+    @property
+    def _active_variant(self):
+        return self.variant or PLAIN
+
+    def _own_state(self):
+        """ASAM's own variables: `rho`, the step count, the variant's
+        state."""
+        return [self._rho, self._train_steps] + self._variant_variables()
+
+    def _float_state(self):
+        """Non-trainable float variables of the layers (BatchNorm moving
+        statistics), without ASAM's own state."""
+        own = {id(v) for v in self._own_state()}
+        return [
+            v for v in self.non_trainable_variables
+            if id(v) not in own and keras.backend.is_float_dtype(v.dtype)
+        ]
+
+    def _state_values(self):
+        """The variant's state: name -> values aligned with the weights."""
+        return {name: [self._read(v) for v in variables]
+                for name, variables in self._variant_state().items()}
+
+    def _write_state(self, updates):
+        state = self._variant_state()
+        for name, values in updates.items():
+            for variable, value in zip(state[name], values):
+                if value is not None:
+                    self._write(variable, ops.cast(value, "float32"))
+
+    def _counter_dtype(self):
+        """The dtype of the model's count of train steps."""
+        return "int64"
+
+    def _count_step(self):
+        self._write(self._train_steps, self._read(self._train_steps) + 1)
+
+    # -- decisions made once per step, before the passes -------------------
+
+    def _rho_this_step(self):
+        """rho_t as a float32 scalar; a negative or non-finite value is 0."""
+        if self.rho_schedule is None:
+            rho = ops.convert_to_tensor(self._read(self._rho))
+        else:
+            with self._optimizer_scope():
+                rho = ops.cast(
+                    self.rho_schedule(self._learning_rate_counter()),
+                    "float32")
+        return ops.where(ops.logical_and(ops.isfinite(rho), rho > 0),
+                         rho, 0.0)
+
+    def _context(self, rho, run):
+        """The `StepContext` of this step, read before the update."""
+        optimizer = self.optimizer
+        if not optimizer.built:
+            # As `apply` would: the scale and the learning rate are then
+            # read from the optimizer's variables, not fixed when traced.
+            optimizer.build(self.trainable_variables)
+        with self._optimizer_scope():
+            if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                loss_scale = ops.ones((), "float32")
+            else:
+                loss_scale = ops.cast(optimizer.dynamic_scale, "float32")
+            learning_rate = None
+            if overrides(self._active_variant, "after_apply"):
+                learning_rate = ops.cast(optimizer.learning_rate, "float32")
+        replicas = self._num_replicas()
+        return StepContext(
+            options=self.options, rho=rho,
+            step=self._read(self._train_steps), loss_scale=loss_scale,
+            learning_rate=learning_rate, num_replicas=replicas,
+            ascent_replica_factor=(
+                1 if self.sync_perturbation else replicas),
+            second_pass=run, loss=None, adversarial_loss=None,
+            update_applied=None, all_reduce_sum=self._all_reduce_sum,
+        )
+
+    def _has_step_schedule(self):
+        return self.options.has_step_schedule
+
+    def _non_finite_step(self):
+        """What this model's step does where L(w + eps) is not finite:
+        `non_finite_step` (`"clean_gradient"` or `"skip"`), or `None` under
+        a `LossScaleOptimizer`, which gets g_adv as is and skips non-finite
+        steps itself."""
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return None
+        return self.non_finite_step
+
+    def _takes_clean_pass(self, run):
+        """Whether the step starts with the clean pass (all but a variant's
+        one-pass steps)."""
+        return self._active_variant.clean_pass or run is False
+
+    # -- the ascent ----------------------------------------------------------
+
+    def _perturbed_mask(self, variables):
+        """Which of `variables` the ascent moves (`perturb=`)."""
+        return selection.selected(self.perturb, self, variables)
+
+    def _ascent(self, gradients, ctx):
+        """The direction eps is built from: g (all-reduced with
+        `sync_perturbation`), as the variant changes it; its stored state
+        alone on a step without a clean pass."""
+        variant = self._active_variant
+        if not variant.clean_pass:
+            return variant.pre_pass(self._state_values(), ctx)
+        if self.sync_perturbation:
+            gradients = self._all_reduce_sum(gradients)
+        if overrides(variant, "ascent"):
+            return variant.ascent(gradients, self._state_values(), ctx)
+        return gradients
+
+    def _eps(self, gradients, values, rho):
+        """eps for the trainable variables (values aligned with
+        `self.trainable_variables`), with this model's hyperparameters."""
+        variables = self.trainable_variables
+        mask = self._perturbed_mask(variables)
+        return perturbation(
+            [g if chosen else None for g, chosen in zip(gradients, mask)],
+            values,
+            rho=rho,
+            scaled=[not is_bias(v.path) for v in variables],
+            adaptive=self.adaptive,
+            eta=self.eta,
+            normalization=self.normalization,
+            p=self.p,
+            fused=bool(self.jit_compile),
+        )
+
+    # -- the descent ---------------------------------------------------------
+
+    def _falls_back_to_clean(self):
+        """Whether g_adv is replaced by g where L(w + eps) is not finite."""
+        return self._non_finite_step() == "clean_gradient"
+
+    def _finite_or_clean(self, adversarial, gradients, adversarial_loss):
+        """g_adv, or g where L(w + eps) is not finite (a select), with
+        `non_finite_step="clean_gradient"`; g_adv as is otherwise (the
+        update is skipped instead)."""
+        if not self._falls_back_to_clean():
+            return adversarial
+        finite = ops.isfinite(adversarial_loss)
+        return [None if ga is None or g is None else ops.where(finite, ga, g)
+                for ga, g in zip(adversarial, gradients)]
+
+    def _descent(self, gradients, adversarial, ctx):
+        """What the optimizer applies: the variant's `descent` on steps with
+        the perturbed pass, its `off_step` on the others (both, selected,
+        when `ctx.second_pass` is a tensor); writes the state they return.
+        """
+        variant = self._active_variant
+        run = ctx.second_pass
+        replicas = self._num_replicas()
+        synced = replicas > 1 and variant.synced(self.options)
+        if synced:
+            if gradients is not None:
+                gradients = self._all_reduce_sum(gradients)
+            if run is not False:
+                adversarial = self._all_reduce_sum(adversarial)
+        state = self._state_values()
+        if run is True:
+            direction, updates = variant.descent(
+                gradients, adversarial, state, ctx)
+        elif run is False:
+            direction, updates = variant.off_step(gradients, state, ctx)
+        else:
+            on, on_updates = variant.descent(
+                gradients, adversarial, state, ctx)
+            off, off_updates = variant.off_step(gradients, state, ctx)
+            direction = [_select(run, a, b) for a, b in zip(on, off)]
+            updates = {
+                name: [_select(run, on_updates.get(name, values)[i],
+                               off_updates.get(name, values)[i], v)
+                       for i, v in enumerate(values)]
+                for name, values in state.items()
+                if name in on_updates or name in off_updates
+            }
+        self._write_state(updates)
+        if synced:
+            direction = [None if d is None else d / replicas
+                         for d in direction]
+        return direction, gradients, adversarial
+
+    def _update(self, gradients, adversarial, ctx):
+        """The descent direction, the optimizer's update (none where
+        `non_finite_step="skip"` finds L(w + eps) or the direction not
+        finite) and the variant's correction after it. `ctx` holds the
+        step's losses."""
+        run = ctx.second_pass
+        descent, gradients, adversarial = self._descent(
+            gradients, adversarial, ctx)
+        corrects = (run is not False
+                    and overrides(self._active_variant, "after_apply"))
+        before = self._optimizer_iterations() if corrects else None
+        finite = None
+        # A step without a clean pass has no clean gradient to fall back
+        # on: it is skipped instead.
+        skips = self._non_finite_step() == "skip" or (
+            gradients is None and self._non_finite_step() is not None)
+        if run is not False and skips:
+            finite = self._update_is_finite(ctx.adversarial_loss, descent)
+            if run is not True:
+                finite = ops.logical_or(finite, ops.logical_not(run))
+        self._apply(descent, finite)
+        if corrects:
+            deltas = self._after_apply(gradients, adversarial, ctx, before)
+            if deltas is not None:
+                self._add_to_weights(deltas)
+
+    def _update_is_finite(self, adversarial_loss, descent):
+        """Scalar boolean: L(w + eps) and the descent direction are finite
+        (what `non_finite_step="skip"` checks).
+
+        The direction is checked through the sum of its entries, one
+        reduction per variable: a NaN or an infinity in any entry makes the
+        sum non-finite; finite entries make it non-finite only past the
+        float32 range (about 3.4e38), an update no step should apply
+        either. Checking the direction, not only the loss, also makes a
+        compiler compute all of it before the conditional around the
+        update (`benchmarks/README.md`).
+        """
+        total = ops.cast(adversarial_loss, "float32")
+        for d in descent:
+            if d is not None:
+                total = total + ops.cast(ops.sum(d), "float32")
+        return ops.isfinite(total)
+
+    def _after_apply(self, gradients, adversarial, ctx, iterations_before):
+        """The variant's correction after the update (`None`: none), given
+        whether the update was applied: the optimizer's count of updates
+        moved from `iterations_before`."""
+        variant = self._active_variant
+        applied = ops.not_equal(self._optimizer_iterations(),
+                                iterations_before)
+        if ctx.second_pass is not True:
+            applied = ops.logical_and(applied, ctx.second_pass)
+        return variant.after_apply(
+            gradients, adversarial, self._state_values(),
+            ctx.replace(update_applied=applied),
+        )
+
+    def _optimizer_iterations(self):
+        """The optimizer's count of applied updates (a copy: not a view of
+        the variable)."""
+        return ops.copy(self._read(self.optimizer.iterations))
+
+    # -- logs ----------------------------------------------------------------
+
+    def _batch_size(self, x):
+        return ops.shape(
+            next(t for t in keras.tree.flatten(x) if t is not None))[0]
+
+    def _logs(self, x, y, y_pred, sample_weight, loss, sharpness, run):
+        """Updates the loss, the compiled metrics and the `sharpness` mean
+        (L(w + eps) - L(w) on the steps that computed it; `sharpness` is
+        `None` where none did) and returns the logs."""
+        batch_size = self._batch_size(x)
+        self._loss_tracker.update_state(
+            self._unscale_loss(loss), sample_weight=batch_size)
+        if sharpness is not None and run is not False:
+            sharpness = self._unscale_loss(sharpness)
+            finite = ops.isfinite(sharpness)
+            if run is not True:
+                finite = ops.logical_and(finite, run)
+            self._sharpness_tracker.update_state(
+                ops.where(finite, sharpness, 0.0),
+                sample_weight=ops.where(
+                    finite, ops.cast(batch_size, "float32"), 0.0),
+            )
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs["sharpness"] = self._sharpness_tracker.result()
+        return logs
+
+    # -- checks and the host's choice of each step's kind --------------------
+
+    def _check_trainable(self):
+        if not self.trainable_variables:
+            raise ValueError(
+                f"Model {self.name} has no trainable weights: ASAM has "
+                "nothing to perturb or update. Check `trainable` on the "
+                "model and its layers."
+            )
+
+    def _check_before_training(self):
+        """The checks of `train_step` that can fail, run when the train
+        function is made: before `fit` takes the variables' values (on JAX
+        it detaches them from the variables for the epoch, and an error in
+        the first step would leave the model without weights)."""
+        if self.variant is not None:
+            self.variant.check_optimizer(self.optimizer)
+        if not self.built:
+            return
+        self._check_trainable()
+        self._perturbed_mask(self.trainable_variables)
+
+    def _host_runs_perturbed_pass(self, step):
+        if self._rho_schedule is None and self._rho_on_host == 0:
+            return False
+        return second_pass.perturb_on_host(
+            step, every=self.asam_every,
+            probability=self.asam_probability, seed=self.asam_seed,
+        )
+
+    def _host_choice(self, read_train_steps, read_rho, advance=True):
+        """The kind of the next step (`True`: with the perturbed pass), from
+        the model's count of train steps, which the host follows (read once
+        per `fit` through `read_train_steps()`); `advance`: count the step
+        now."""
+        if self._host_step is None:
+            self._host_step = int(read_train_steps())
+            if self._rho_schedule is None:
+                self._rho_on_host = float(read_rho())
+        run = self._host_runs_perturbed_pass(self._host_step)
+        if advance:
+            self._host_step += 1
+        return run
+
+    def _warn_about_batchnorm(self):
+        """`num_batch_splits` with BatchNormalization: say what happens
+        (once per model: the eager PyTorch step calls this every step)."""
+        if getattr(self, "_batchnorm_checked", False):
+            return
+        object.__setattr__(self, "_batchnorm_checked", True)
+        has_batchnorm = any(
+            isinstance(layer, keras.layers.BatchNormalization)
+            for layer in self._flatten_layers(include_self=False)
+        )
+        if has_batchnorm:
+            # TensorFlow splits each replica's batch; JAX and PyTorch the
+            # (global) batch.
+            where = (" per replica"
+                     if keras.backend.backend() == "tensorflow" else "")
+            warnings.warn(
+                f"`num_batch_splits={self.num_batch_splits}` with "
+                "BatchNormalization layers: every part of the batch is "
+                "normalized with its own statistics and updates the moving "
+                "statistics once; a part of one example (batches smaller "
+                f"than {2 * self.num_batch_splits}{where}) has zero "
+                "batch variance and leaves them unchanged. Prefer parts of "
+                "at least 16 examples, or LayerNormalization/"
+                "GroupNormalization for per-example (1-SAM) ascent.",
+                stacklevel=3,
+            )
+
+
+def _select(run, on, off, default=None):
+    """`where(run, on, off)` for possibly-`None` entries (`default` where
+    one of them is `None`)."""
+    if on is None and off is None:
+        return None
+    on = default if on is None else on
+    off = default if off is None else off
+    if on is None or off is None:
+        return on if off is None else off
+    return ops.where(run, ops.cast(on, "float32"), ops.cast(off, "float32"))

@@ -1,0 +1,12 @@
+"""The SAM family as objects: `ASAMModel(..., variant=...)`.
+
+Each variant is one module, written once with `keras.ops`; the model's step
+(`keras_asam/step.py`) calls its hooks on every backend. `Variant` is the
+base class to write your own (see its docstring).
+"""
+
+from keras_asam.variants.base import StepContext, Variant, dot
+from keras_asam.variants.gsam import GSAM
+from keras_asam.variants.looksam import LookSAM
+
+__all__ = ["GSAM", "LookSAM", "StepContext", "Variant", "dot"]

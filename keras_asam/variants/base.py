@@ -1,0 +1,249 @@
+"""`Variant`: what a member of the SAM family changes in the (A)SAM step.
+
+The step, written once for every backend (`keras_asam/step.py`), is
+
+    g     = grad L(w)                          clean pass (skipped when
+                                               `clean_pass` is False)
+    a     = ascent(g, state)                   the direction eps is built
+                                               from (`pre_pass(state)`
+                                               without a clean pass)
+    eps   = rho * T_w^2 a / ||T_w a||_2        `keras_asam.perturbation`
+    g_adv = grad L(w + eps)                    perturbed pass
+    d     = descent(g, g_adv, state)           steps with the perturbed pass
+    d     = off_step(g, state)                 steps without it (`asam_every`,
+                                               `asam_probability`, rho = 0)
+    w     <- optimizer(w, d)
+    w     <- w + after_apply(g, g_adv, state)  optional correction
+
+A variant overrides the hooks it needs. Each is a pure function of tensors
+written with `keras.ops`, so one definition runs on TensorFlow, JAX and
+PyTorch, under `tf.distribute` strategies, `keras.distribution` and XLA.
+Hooks return new values of their state instead of assigning it; the model
+creates and keeps the state (one float32 buffer per trainable weight and
+name in `state_names`, with the weight's shape and layout), saves it in
+`.keras` files and checkpoints, and writes what the hooks return.
+
+Gradients are lists aligned with the model's trainable variables; an entry
+is `None` for a variable without a gradient. They are gradients of the loss
+as a `LossScaleOptimizer` scales it (`ctx.loss_scale`; 1 without one). Under
+a `tf.distribute` strategy they are this replica's (of its loss divided by
+the number of replicas, as Keras computes it) unless `synced(options)` is
+True: then the step all-reduces g and g_adv before the hooks see them and
+divides the direction they return by the number of replicas (the optimizer
+sums the replicas' directions). State written from synced gradients stays
+identical on every replica.
+
+Hooks run outside control flow. When the graph picks each step's kind
+(`steps_per_execution > 1` with a schedule on TensorFlow), the step calls
+both `descent` and `off_step` and selects their results with
+`ctx.second_pass`, a boolean tensor; otherwise it calls the one that
+applies and `ctx.second_pass` is a Python bool.
+"""
+
+import keras
+
+
+class StepContext:
+    """What the step tells a variant's hooks.
+
+    Attributes:
+        options: The model's `keras_asam.options.Options`.
+        rho: Float32 scalar, rho at this step (0 where rho is negative or
+            not finite).
+        step: Integer scalar, `model.train_steps` before this step.
+        loss_scale: Float32 scalar, the `LossScaleOptimizer`'s scale read
+            before the update, or 1.
+        learning_rate: Float32 scalar, the learning rate the optimizer
+            applies at this step (read before its update advances the
+            iteration counter).
+        num_replicas: Python int, replicas of a `tf.distribute` strategy
+            (1 on JAX and PyTorch, whose steps see the global batch).
+        ascent_replica_factor: Python number by which the gradient that
+            `ascent` receives is multiplied to be in the units of the
+            synced gradients: the number of replicas when each replica
+            ascends along its own gradient, else 1.
+        second_pass: Python bool, or a boolean scalar tensor when the graph
+            picks the step's kind: whether this step takes the perturbed
+            pass.
+        loss: Scalar, the loss of the clean pass (of the perturbed pass
+            without a clean pass); before loss scaling.
+        adversarial_loss: Scalar, L(w + eps) (`loss` on steps without the
+            perturbed pass).
+        update_applied: Boolean scalar tensor, only in `after_apply`:
+            whether the optimizer updated the weights (not where a
+            `LossScaleOptimizer` or `non_finite_step="skip"` skipped it).
+        all_reduce_sum: Function of a list of tensors (entries may be
+            `None`): their sums over replicas (the identity with one).
+    """
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def replace(self, **values):
+        """A copy with `values` changed."""
+        return StepContext(**dict(self.__dict__, **values))
+
+
+class Variant:
+    """Base class of the SAM family's variants; plain ASAM/SAM as is.
+
+    Subclass it and override the hooks your method changes (see the module
+    docstring for the step). Register the subclass with
+    `@keras.saving.register_keras_serializable()` and give it `get_config`
+    so that models using it save and load.
+
+    Class attributes:
+        state_names: Tuple of strings. One float32 buffer per trainable
+            weight and name, zero at first, passed to the hooks as
+            `state[name]` (a list aligned with the weights).
+        clean_pass: Boolean. `False` for a variant that builds eps from its
+            state before any gradient (`pre_pass`) and takes one pass per
+            step, at w + eps: that pass's loss, metrics and BatchNorm
+            updates are the step's.
+
+    Example: descend along a mix of the clean and adversarial gradients.
+
+    ```python
+    @keras.saving.register_keras_serializable(package="my_variants")
+    class Mix(keras_asam.variants.Variant):
+        def __init__(self, beta=0.5):
+            self.beta = beta
+
+        def descent(self, gradients, adversarial, state, ctx):
+            return [None if ga is None else
+                    self.beta * g + (1 - self.beta) * ga
+                    for g, ga in zip(gradients, adversarial)], {}
+
+        def get_config(self):
+            return {"beta": self.beta}
+
+    model = keras_asam.ASAMModel(network, rho=0.5, variant=Mix(0.3))
+    ```
+    """
+
+    state_names = ()
+    clean_pass = True
+
+    def synced(self, options):
+        """Whether the hooks see g and g_adv summed over replicas (see the
+        module docstring). Defaults to `False`."""
+        return False
+
+    def validate(self, options):
+        """Raises `ValueError` if this variant cannot run with the model's
+        `options` (a `keras_asam.options.Options`). Called when the model
+        is built, before any state changes."""
+
+    def check_optimizer(self, optimizer):
+        """Raises `ValueError` if this variant cannot run with `optimizer`.
+        Called by `compile`."""
+
+    def ascent(self, gradients, state, ctx):
+        """The direction eps is built from. Defaults to g.
+
+        Args:
+            gradients: g, this replica's or the synced one as the model's
+                `sync_perturbation` says (`ctx.ascent_replica_factor`).
+            state: Dict of lists of float32 tensors, the stored state.
+            ctx: `StepContext`.
+
+        Returns:
+            List aligned with `gradients` (`None` where no eps).
+        """
+        return gradients
+
+    def pre_pass(self, state, ctx):
+        """The direction eps is built from on a step without a clean pass
+        (`clean_pass = False`): a list aligned with the weights."""
+        raise NotImplementedError(
+            f"{type(self).__name__} sets `clean_pass = False` and must "
+            "define `pre_pass`."
+        )
+
+    def descent(self, gradients, adversarial, state, ctx):
+        """The direction the optimizer applies on a step with the perturbed
+        pass. Defaults to g_adv.
+
+        Args:
+            gradients: g (`None` without a clean pass).
+            adversarial: g_adv.
+            state: Dict of lists of float32 tensors, the stored state.
+            ctx: `StepContext`.
+
+        Returns:
+            `(direction, new_state)`: a list aligned with the gradients, and
+            a dict of the state lists to store (missing names, and `None`
+            entries, keep their values).
+        """
+        return adversarial, {}
+
+    def off_step(self, gradients, state, ctx):
+        """The direction on a step without the perturbed pass. Defaults to
+        g. Returns `(direction, new_state)` as `descent` does."""
+        return gradients, {}
+
+    def after_apply(self, gradients, adversarial, state, ctx):
+        """A correction added to the weights after the optimizer's update
+        on steps with the perturbed pass, or `None` (the default).
+
+        `ctx.learning_rate`, `ctx.loss_scale` and `ctx.update_applied` say
+        what the update was. Returns a list aligned with the weights
+        (`None` entries: no correction).
+        """
+        return None
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        arguments = ", ".join(f"{k}={v!r}"
+                              for k, v in self.get_config().items())
+        return f"{type(self).__name__}({arguments})"
+
+
+def dot(a, b):
+    """Sum over variables of ``a_i . b_i`` (float32 scalar); `None` entries
+    are skipped. Norms and dot products of variants run over all the
+    variables together (over every shard of a sharded weight)."""
+    terms = [
+        keras.ops.sum(keras.ops.cast(x, "float32")
+                      * keras.ops.cast(y, "float32"))
+        for x, y in zip(a, b)
+        if x is not None and y is not None
+    ]
+    if not terms:
+        return keras.ops.zeros((), "float32")
+    return sum(terms[1:], terms[0])
+
+
+def overrides(variant, hook):
+    """Whether `variant`'s class overrides the hook named `hook`."""
+    return getattr(type(variant), hook) is not getattr(Variant, hook)
+
+
+def serialize(variant):
+    """`variant` as a config dict (`None` stays `None`)."""
+    if variant is None:
+        return None
+    return keras.saving.serialize_keras_object(variant)
+
+
+def deserialize(config, custom_objects=None):
+    """A `Variant` from `serialize`'s dict; a `Variant` or `None` as is."""
+    if config is None or isinstance(config, Variant):
+        return config
+    if isinstance(config, dict):
+        variant = keras.saving.deserialize_keras_object(
+            config, custom_objects=custom_objects
+        )
+        if isinstance(variant, Variant):
+            return variant
+    raise ValueError(
+        "`variant` must be a `keras_asam.variants.Variant` instance (such as "
+        "`keras_asam.variants.GSAM(alpha=0.3)`) or `None`. Received: "
+        f"variant={config!r}"
+    )
