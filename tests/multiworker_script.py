@@ -21,6 +21,9 @@ parser.add_argument("--asam-every", type=int, default=1)
 parser.add_argument("--looksam-alpha", type=float, default=0.0)
 parser.add_argument("--rho", type=float, default=0.5)
 parser.add_argument("--non-finite-step", default="clean_gradient")
+parser.add_argument("--variant", default=None,
+                    help="a keras_asam.variants class and its arguments as "
+                         "JSON, e.g. '[\"WSAM\", {\"gamma\": 0.9}]'")
 args = parser.parse_args()
 
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -28,7 +31,12 @@ strategy = tf.distribute.MultiWorkerMirroredStrategy()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_asam import ASAMModel  # noqa: E402
+from keras_asam import ASAMModel, variants  # noqa: E402
+
+variant = None
+if args.variant:
+    class_name, config = json.loads(args.variant)
+    variant = getattr(variants, class_name)(**config)
 
 rs = np.random.RandomState(0)
 x = rs.randn(64, 6).astype("float32")
@@ -46,7 +54,7 @@ with strategy.scope():
                               keras.layers.Dense(2)])
     model = ASAMModel(inner, rho=args.rho, sync_perturbation=args.sync,
                       asam_every=args.asam_every,
-                      looksam_alpha=args.looksam_alpha,
+                      looksam_alpha=args.looksam_alpha, variant=variant,
                       non_finite_step=args.non_finite_step)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                   loss="mse")
@@ -56,8 +64,8 @@ index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 np.savez(
     os.path.join(args.output, f"worker{index}.npz"),
     *[v.numpy() for v in model.trainable_variables],
-    **{f"looksam{i}": v.numpy()
-       for i, v in enumerate(model._looksam_direction)},
+    **{f"state{i}": v.numpy()
+       for i, v in enumerate(sum(model.variant_state.values(), []))},
     loss=np.array(history["loss"]),
     sharpness=np.array(history["sharpness"]),
     iterations=np.array(int(model.optimizer.iterations.numpy())),

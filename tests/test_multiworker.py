@@ -70,7 +70,7 @@ def test_two_workers_end_identical(tmp_path, sync, every, looksam):
     first, second = _run_workers(tmp_path, sync, every, looksam)
     weights = sorted(k for k in first if k.startswith("arr_"))
     assert len(weights) == 4
-    stored = sorted(k for k in first if k.startswith("looksam"))
+    stored = sorted(k for k in first if k.startswith("state"))
     assert len(stored) == (4 if looksam else 0)
     for key in weights + stored + ["loss", "sharpness"]:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
@@ -82,6 +82,25 @@ def test_two_workers_end_identical(tmp_path, sync, every, looksam):
         # Synced perturbation across workers is the single-device step.
         for key, want in zip(weights, _single_device_weights(sync=True)):
             np.testing.assert_allclose(first[key], want, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [
+    ["FriendlySAM", {}], ["WSAM", {"gamma": 0.9}],
+    ["MomentumSAM", {"momentum": 0.9}]], ids=lambda v: v[0])
+def test_two_workers_end_identical_with_the_family(tmp_path, variant):
+    # Each worker ascends along its own gradient; the state follows the
+    # all-reduced gradients, so both hold the same bits.
+    first, second = _run_workers(
+        tmp_path, sync=False, extra=["--variant", json.dumps(variant)])
+    keys = sorted(k for k in first if k.startswith(("arr_", "state")))
+    assert len(keys) == (4 if variant[0] == "WSAM" else 8)
+    for key in keys + ["loss"]:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    assert int(first["iterations"]) == 8
+    assert np.isfinite(first["loss"]).all()
+    if variant[0] != "WSAM":
+        assert any(first[k].any() for k in keys if k.startswith("state"))
 
 
 @pytest.mark.slow

@@ -6,7 +6,11 @@ base class to write your own (see its docstring).
 """
 
 from keras_asam.variants.base import StepContext, Variant, dot
+from keras_asam.variants.friendly import FriendlySAM
 from keras_asam.variants.gsam import GSAM
 from keras_asam.variants.looksam import LookSAM
+from keras_asam.variants.momentum import MomentumSAM
+from keras_asam.variants.wsam import WSAM
 
-__all__ = ["GSAM", "LookSAM", "StepContext", "Variant", "dot"]
+__all__ = ["FriendlySAM", "GSAM", "LookSAM", "MomentumSAM", "StepContext",
+           "Variant", "WSAM", "dot"]
