@@ -16,7 +16,7 @@ from keras_asam import (
 from keras_asam.model import ASAMModel, SAMModel
 from keras_asam.sharpness import sharpness
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ASAMModel",
