@@ -23,6 +23,16 @@ without momentum (the optimizer holds no slots):
   looksam      ASAMModel(looksam_alpha=0.5, asam_every=5): keeps g_v, a
                variable the size of the weights
   gsam_skip, looksam_skip  the same with non_finite_step="skip"
+  fsam         ASAMModel(variant=FriendlySAM()): keeps m, the moving average
+               of g (1 P of state), and g until m is updated
+  wsam         ASAMModel(variant=WSAM(0.9)) (decoupled): keeps g through
+               pass 2 for the correction after the update
+  msam         SAMModel(rho=3, variant=MomentumSAM(0.9)): one pass per step
+               at w + eps, from its buffer v (1 P of state); compared with
+               the plain step (`over base`), since it has no second pass
+
+(fsam, wsam and msam need `keras_asam.variants`; a version of the library
+without them reports them as skipped.)
 
 each without and with `jit_compile=True`. Every measurement is one fresh
 process (this script runs itself with `--child`), in one of three modes:
@@ -63,7 +73,14 @@ units of the model's parameter bytes P = 4 x parameters:
 The allowed extra over the floor is the saved copy of the weights plus 10%
 (SAM, ASAM); GSAM also keeps g through pass 2 (2.1 P); LookSAM keeps g
 through pass 2 on its perturbed steps, since g_v = g_adv - (g . g_adv /
-||g||^2) g needs g and g_adv at once, and g_v as its state (3.1 P).
+||g||^2) g needs g and g_adv at once, and g_v as its state (3.1 P);
+Friendly-SAM and WSAM 2.1 P (m, or g through pass 2). Momentum-SAM may
+hold 2.1 P over the base step (its buffer v and a saved copy of the
+weights, plus 10%).
+
+`--library DIR` puts DIR first on the children's PYTHONPATH, so that they
+import the `keras_asam` of another checkout (e.g. an earlier commit); the
+report records that checkout's commit.
 
 Each number is the minimum over `--repeats` processes (scheduling of the
 executor's threads moves the peak of a step without XLA by up to ~0.3 P).
@@ -92,10 +109,17 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "sam_skip",
-            "asam_skip", "gsam", "looksam", "gsam_skip", "looksam_skip"]
+            "asam_skip", "gsam", "looksam", "gsam_skip", "looksam_skip",
+            "fsam", "wsam", "msam"]
 MODES = ["tf", "rss", "rss_pool"]
 GSAM_ALPHA = 0.3
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.5, 5
+FSAM_SIGMA, FSAM_LMBDA = 1.0, 0.9
+WSAM_GAMMA = 0.9
+MSAM_RHO, MSAM_MOMENTUM = 3.0, 0.9
+# The class in `keras_asam.variants` each of these variants needs.
+VARIANT_CLASSES = {"fsam": "FriendlySAM", "wsam": "WSAM",
+                   "msam": "MomentumSAM"}
 DEFAULT_LAYERS = [256, 2048, 4096, 4096, 1024]
 QUICK_LAYERS = [64, 512, 1024, 1024, 256]
 # What each variant may hold over the floor, in P (10% slack): the saved
@@ -105,7 +129,9 @@ QUICK_LAYERS = [64, 512, 1024, 1024, 256]
 ALLOWED_OVER_FLOOR = {"sam": 1.1, "asam": 1.1, "asam_filter": 1.1,
                       "sam_skip": 1.1, "asam_skip": 1.1,
                       "gsam": 2.1, "looksam": 3.1, "gsam_skip": 2.1,
-                      "looksam_skip": 3.1}
+                      "looksam_skip": 3.1, "fsam": 2.1, "wsam": 2.1}
+# Variants with one pass per step: what they may hold over the base step.
+ALLOWED_OVER_BASE = {"msam": 2.1}
 QUANTITIES = ["state", "step", "kept", "first"]
 
 
@@ -150,6 +176,15 @@ def child(config):
     import tensorflow as tf
 
     import keras_asam
+
+    needed = VARIANT_CLASSES.get(config["variant"])
+    variant_class = getattr(getattr(keras_asam, "variants", None), needed,
+                            None) if needed else None
+    if needed and variant_class is None:
+        return {"skipped": f"keras_asam.variants.{needed} is not in this "
+                           "version of the library",
+                "library": os.path.dirname(os.path.dirname(
+                    keras_asam.__file__))}
 
     if config.get("setup"):
         # An experiment: a Python file run here, e.g. to monkeypatch the step.
@@ -227,6 +262,14 @@ def child(config):
         "looksam_skip": lambda: keras_asam.ASAMModel(
             inner, looksam_alpha=LOOKSAM_ALPHA, asam_every=LOOKSAM_EVERY,
             non_finite_step="skip"),
+        "fsam": lambda: keras_asam.ASAMModel(
+            inner, variant=variant_class(sigma=FSAM_SIGMA, lmbda=FSAM_LMBDA)),
+        "wsam": lambda: keras_asam.ASAMModel(
+            inner, variant=variant_class(WSAM_GAMMA)),
+        # The optimizer as for the others (no slots): `over base` is then
+        # what Momentum-SAM itself holds.
+        "msam": lambda: keras_asam.SAMModel(
+            inner, rho=MSAM_RHO, variant=variant_class(MSAM_MOMENTUM)),
     }[config["variant"]]()
     model.compile(
         optimizer=keras.optimizers.SGD(0.01),  # no momentum: no slots
@@ -257,6 +300,8 @@ def child(config):
     after = _status()
 
     return {
+        "library": os.path.dirname(os.path.dirname(keras_asam.__file__)),
+        "keras_asam_version": keras_asam.__version__,
         "params": inner.count_params(),
         "optimizer_slots": slots,
         "train_steps": int(model.optimizer.iterations.numpy()),
@@ -301,6 +346,9 @@ def run_child(config):
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         if config["mode"] == "rss":
             env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "1"
+    if config.get("library"):  # Another checkout's keras_asam.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [config["library"]] + [p for p in [env.get("PYTHONPATH")] if p])
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--child",
          json.dumps(config)],
@@ -364,8 +412,10 @@ def render_markdown(report):
         "step: peak during the measured steps over that, including what "
         "the compiled step keeps allocated between steps (kept). "
         "footprint = state + step; over base, over floor: footprint minus "
-        "theirs. allowed over floor: the saved weights (GSAM also g, "
-        "LookSAM also g and g_v), plus 10%.", ""]
+        "theirs. allowed: over the floor, the saved weights (GSAM, WSAM "
+        "also g, F-SAM also m, LookSAM also g and g_v), plus 10%; over "
+        "base for Momentum-SAM (one pass): v and the saved weights, plus "
+        "10%.", ""]
     mode_titles = {
         "tf": "TensorFlow's allocator counters (bytes of live tensors)",
         "rss": "resident set of the process (VmHWM, VmRSS), system "
@@ -379,14 +429,16 @@ def render_markdown(report):
                   f"{mode_titles[mode]}**, in P = {4 * params / 2**20:.1f} "
                   "MiB (min over repeats; range of `step` in brackets):", ""]
         lines += ["| variant | state | step | kept | footprint | over base "
-                  "| over floor | allowed over floor |",
+                  "| over floor | allowed |",
                   "|---|---|---|---|---|---|---|---|"]
         for variant, row in rows.items():
-            allowed = ALLOWED_OVER_FLOOR.get(variant)
+            allowed, over = ALLOWED_OVER_FLOOR.get(variant), "floor"
+            if variant in ALLOWED_OVER_BASE:
+                allowed, over = ALLOWED_OVER_BASE[variant], "base"
             verdict = ""
-            if allowed is not None and row["over_floor"] is not None:
-                verdict = (f"{allowed:.1f} "
-                           + ("met" if row["over_floor"] <= allowed
+            if allowed is not None and row["over_" + over] is not None:
+                verdict = (f"{allowed:.1f} over {over} "
+                           + ("met" if row["over_" + over] <= allowed
                               else "**missed**"))
             step = _p(row["step"])
             if row["repeats"] > 1 and row["step"] is not None:
@@ -397,6 +449,10 @@ def render_markdown(report):
                 f"{_p(row['over_base'])} | {_p(row['over_floor'])} | "
                 f"{verdict} |")
         lines.append("")
+    if report.get("skipped"):
+        lines += ["Skipped: " + "; ".join(
+            f"{v}: {reason}" for v, reason in report["skipped"].items())
+            + ".", ""]
     firsts = [(key, rows) for key, rows in report["summary"].items()
               if key.endswith("/rss")]
     if firsts:
@@ -421,6 +477,8 @@ def render_markdown(report):
                   line.split()[-1] for line in report["library_modified"])
                  if isinstance(report.get("library_modified"), list)
                  and report["library_modified"] else "")
+              + (f" (library from {report['arguments']['library']})"
+                 if report["arguments"].get("library") else "")
               + f", MLP {'-'.join(map(str, arguments['layers']))}-10 "
               f"({params:,} parameters), batch {arguments['batch_size']}, "
               f"{arguments['warmup_steps']} + {arguments['steps']} steps, "
@@ -433,9 +491,9 @@ def render_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def _git(*args):
+def _git(*args, cwd=ROOT):
     try:
-        return subprocess.check_output(["git", *args], cwd=ROOT, text=True,
+        return subprocess.check_output(["git", *args], cwd=cwd, text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -471,6 +529,10 @@ def main(argv=None):
                         default=VARIANTS, metavar="VARIANT",
                         help="measure only these (default: all of "
                              + ", ".join(VARIANTS) + ")")
+    parser.add_argument("--library", default=None, metavar="DIR",
+                        help="a checkout whose keras_asam the children "
+                             "import (first on their PYTHONPATH; default: "
+                             "the installed one)")
     parser.add_argument("--setup", default=None, metavar="FILE",
                         help="a Python file each child runs after importing "
                              "keras_asam (an experiment, e.g. a monkeypatch)")
@@ -505,15 +567,18 @@ def main(argv=None):
             else "memory.json")
     if args.setup:
         args.setup = os.path.abspath(args.setup)
+    if args.library:
+        args.library = os.path.abspath(args.library)
+    library = args.library or ROOT
     variants = [v for v in VARIANTS if v in args.variants]
     modes = [m for m in MODES if m in args.modes]
     jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
 
     start = time.perf_counter()
-    commit = _git("rev-parse", "HEAD")
-    library_modified = (_git("status", "--porcelain", "keras_asam")
-                        or "").splitlines()
-    runs = []
+    commit = _git("rev-parse", "HEAD", cwd=library)
+    library_modified = (_git("status", "--porcelain", "keras_asam",
+                             cwd=library) or "").splitlines()
+    runs, skipped = [], {}
     total = args.repeats * len(jits) * len(modes) * len(variants)
     for repeat in range(args.repeats):
         for jit in jits:
@@ -523,9 +588,17 @@ def main(argv=None):
                               "layers": args.layers,
                               "batch_size": args.batch_size,
                               "warmup_steps": args.warmup_steps,
-                              "steps": args.steps, "setup": args.setup}
+                              "steps": args.steps, "setup": args.setup,
+                              "library": args.library}
+                    if variant in skipped:
+                        continue
                     child_start = time.perf_counter()
                     raw = run_child(config)
+                    if "skipped" in raw:
+                        skipped[variant] = raw["skipped"]
+                        print(f"{variant}: skipped ({raw['skipped']})",
+                              flush=True)
+                        continue
                     q = quantities(raw, mode)
                     unit = 4.0 * raw["params"]
                     runs.append({"variant": variant, "jit": jit,
@@ -553,9 +626,11 @@ def main(argv=None):
         "versions": {"python": sys.version.split()[0],
                      "tensorflow": tf.__version__,
                      "keras": keras.version(),
-                     "keras_asam": keras_asam.__version__},
+                     # As the children imported it (`--library`).
+                     "keras_asam": runs[0]["raw"].get(
+                         "keras_asam_version", keras_asam.__version__)},
         "commit": commit,
-        "commit_at_end": _git("rev-parse", "HEAD"),
+        "commit_at_end": _git("rev-parse", "HEAD", cwd=library),
         # Uncommitted changes to the library when the run started, if any.
         "library_modified": library_modified,
         "arguments": vars(args),
@@ -564,6 +639,7 @@ def main(argv=None):
         "allowed_over_floor": ALLOWED_OVER_FLOOR,
         "wall_seconds": time.perf_counter() - start,
         "summary": summarize(runs, variants),
+        "skipped": skipped,
         "runs": runs,
     }
     markdown_text = render_markdown(report)

@@ -21,6 +21,15 @@ one compiled training step of:
                per part, `--split-b-steps` steps per round (it is slow)
   asam_skip    ASAMModel(non_finite_step="skip"): the update in a
                conditional that skips it where L(w + eps) is not finite
+  fsam         ASAMModel(variant=FriendlySAM()) (Friendly-SAM, sigma 1,
+               lmbda 0.9, on adaptive ASAM)
+  wsam         ASAMModel(variant=WSAM(0.9)) (WSAM, decoupled, on adaptive
+               ASAM)
+  msam         SAMModel(rho=3, variant=MomentumSAM(0.9)) (Momentum-SAM: one
+               pass per step, the paper's rho and SAM mode)
+
+(the last three are from `keras_asam.variants`; against a version of the
+library without them they are n/a)
 
 for a CNN with BatchNorm on CIFAR-shaped data (32x32x3, batch 128) and an MLP,
 each at two widths, with and without `jit_compile`. A callback brackets each
@@ -99,14 +108,22 @@ except ImportError:  # A TensorFlow-only version of the library.
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "asam_every2",
             "asam_every5", "asam_norm", "gsam", "looksam5", "asam_split2",
-            "asam_split8", "asam_split_b", "asam_skip"]
+            "asam_split8", "asam_split_b", "asam_skip", "fsam", "wsam",
+            "msam"]
 # The default variants of `--backends`.
 BACKEND_VARIANTS = ["base", "floor", "sam", "asam"]
-# The columns of the two step-time tables.
-TIME_TABLES = [VARIANTS[:7], ["base", "floor", "asam", *VARIANTS[7:]]]
+# The columns of the three step-time tables.
+TIME_TABLES = [VARIANTS[:7], ["base", "floor", "asam", *VARIANTS[7:14]],
+               ["base", "floor", "sam", "asam", *VARIANTS[14:]]]
 SPLITS = {"asam_split2": 2, "asam_split8": 8, "asam_split_b": None}
 GSAM_ALPHA = 0.3
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.7, 5
+FSAM_SIGMA, FSAM_LMBDA = 1.0, 0.9
+WSAM_GAMMA = 0.9
+MSAM_RHO, MSAM_MOMENTUM = 3.0, 0.9
+# The class in `keras_asam.variants` each of these variants needs.
+VARIANT_CLASSES = {"fsam": "FriendlySAM", "wsam": "WSAM",
+                   "msam": "MomentumSAM"}
 # Ratios as (name, numerator, denominator); two tables.
 RATIO_TABLES = [
     [("floor/base", "floor", "base"),
@@ -127,6 +144,12 @@ RATIO_TABLES = [
      ("asam_split8/asam", "asam_split8", "asam"),
      ("asam_split_b/asam", "asam_split_b", "asam"),
      ("asam_skip/asam", "asam_skip", "asam")],
+    # Targets (CNN without XLA): fsam/asam and wsam/asam <= 1.03,
+    # msam/base <= 1.10.
+    [("fsam/asam", "fsam", "asam"),
+     ("wsam/asam", "wsam", "asam"),
+     ("msam/base", "msam", "base"),
+     ("msam/sam", "msam", "sam")],
 ]
 
 
@@ -265,8 +288,19 @@ VARIANT_OPTIONS = {"asam_split2": {"num_batch_splits": 2},
                    "asam_split_b": {"num_batch_splits": "batch size"}}
 
 
-def skip_reason(variant, architecture, width, jit):
+def variant_class(lib, variant):
+    """The class of `lib.variants` that `variant` needs, or None if `lib`
+    (a version of keras_asam) does not have it."""
+    return getattr(getattr(lib, "variants", None),
+                   VARIANT_CLASSES[variant], None)
+
+
+def skip_reason(variant, architecture, width, jit, lib=None):
     """Why `variant` does not apply to this setting, or None."""
+    lib = lib or keras_asam
+    if variant in VARIANT_CLASSES and variant_class(lib, variant) is None:
+        return (f"keras_asam.variants.{VARIANT_CLASSES[variant]} is not in "
+                "this version of the library")
     backend = keras.backend.backend()
     unsupported = UNSUPPORTED.get(backend, {})
     for option, value in VARIANT_OPTIONS.get(variant, {}).items():
@@ -280,32 +314,41 @@ def skip_reason(variant, architecture, width, jit):
     return None
 
 
-def build(variant, architecture, width, jit, batch_size=128):
+def build(variant, architecture, width, jit, batch_size=128, lib=None):
+    """`variant` of the model, compiled; `lib`: the keras_asam module to
+    build it from (default: the one imported here)."""
+    lib = lib or keras_asam
     keras.utils.set_random_seed(0)
     inner = {"cnn": cnn, "mlp": mlp}[architecture](width)
     splits = SPLITS.get(variant) or batch_size
     model = {
         "base": lambda: inner,
         "floor": lambda: TwoPassFloor(inner),
-        "sam": lambda: keras_asam.SAMModel(inner),
-        "asam": lambda: keras_asam.ASAMModel(inner),
-        "asam_filter": lambda: keras_asam.ASAMModel(
+        "sam": lambda: lib.SAMModel(inner),
+        "asam": lambda: lib.ASAMModel(inner),
+        "asam_filter": lambda: lib.ASAMModel(
             inner, normalization="filterwise"),
-        "asam_every2": lambda: keras_asam.ASAMModel(inner, asam_every=2),
-        "asam_every5": lambda: keras_asam.ASAMModel(inner, asam_every=5),
-        "asam_norm": lambda: keras_asam.ASAMModel(
+        "asam_every2": lambda: lib.ASAMModel(inner, asam_every=2),
+        "asam_every5": lambda: lib.ASAMModel(inner, asam_every=5),
+        "asam_norm": lambda: lib.ASAMModel(
             inner, perturb="normalization"),
-        "gsam": lambda: keras_asam.ASAMModel(inner, gsam_alpha=GSAM_ALPHA),
-        "looksam5": lambda: keras_asam.ASAMModel(
+        "gsam": lambda: lib.ASAMModel(inner, gsam_alpha=GSAM_ALPHA),
+        "looksam5": lambda: lib.ASAMModel(
             inner, looksam_alpha=LOOKSAM_ALPHA, asam_every=LOOKSAM_EVERY),
-        "asam_split2": lambda: keras_asam.ASAMModel(
+        "asam_split2": lambda: lib.ASAMModel(
             inner, num_batch_splits=splits),
-        "asam_split8": lambda: keras_asam.ASAMModel(
+        "asam_split8": lambda: lib.ASAMModel(
             inner, num_batch_splits=splits),
-        "asam_split_b": lambda: keras_asam.ASAMModel(
+        "asam_split_b": lambda: lib.ASAMModel(
             inner, num_batch_splits=splits),
-        "asam_skip": lambda: keras_asam.ASAMModel(
+        "asam_skip": lambda: lib.ASAMModel(
             inner, non_finite_step="skip"),
+        "fsam": lambda: lib.ASAMModel(inner, variant=variant_class(
+            lib, "fsam")(sigma=FSAM_SIGMA, lmbda=FSAM_LMBDA)),
+        "wsam": lambda: lib.ASAMModel(inner, variant=variant_class(
+            lib, "wsam")(WSAM_GAMMA)),
+        "msam": lambda: lib.SAMModel(inner, rho=MSAM_RHO, variant=(
+            variant_class(lib, "msam")(MSAM_MOMENTUM))),
     }[variant]()
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
@@ -349,6 +392,37 @@ def steps_of(variant, args):
     return args.split_b_steps if variant == "asam_split_b" else args.steps
 
 
+def time_interleaved(models, data, rounds, steps, alternate=()):
+    """Per-round mean step times (wall and CPU seconds) of `models` (key ->
+    compiled model), run in turn in every round after one warm-up fit each.
+    `steps(key)`: steps per round. `alternate`: groups of keys (e.g. the
+    same variant from two versions of the library) whose order is reversed
+    in every other round, so that neither always runs first."""
+    for key, model in models.items():  # Trace and warm up.
+        model.fit(data, steps_per_epoch=steps(key), epochs=1, verbose=0,
+                  shuffle=False)
+    per_round = {key: [] for key in models}
+    per_round_cpu = {key: [] for key in models}
+    groups = {key: group for group in alternate for key in group}
+    for round_index in range(rounds):
+        order, done = [], set()
+        for key in models:
+            if key in done:
+                continue
+            group = [k for k in groups.get(key, [key]) if k in models]
+            if round_index % 2:
+                group = group[::-1]
+            order += group
+            done.update(group)
+        for key in order:
+            timer = StepTimer()
+            models[key].fit(data, steps_per_epoch=steps(key), epochs=1,
+                            verbose=0, shuffle=False, callbacks=[timer])
+            per_round[key].append(float(np.mean(timer.times)))
+            per_round_cpu[key].append(float(np.mean(timer.cpu_times)))
+    return per_round, per_round_cpu
+
+
 def measure(setting, args):
     """Median (over rounds) of the mean step time of every variant that
     applies, in wall and in CPU seconds; `None` for the others."""
@@ -363,20 +437,8 @@ def measure(setting, args):
             models[v] = build(v, *setting, batch_size=args.batch_size)
         except NotImplementedError as error:  # An option of this backend.
             skipped[v] = str(error).split(";")[0]
-    variants = list(models)
-    for v, model in models.items():  # Trace and warm up.
-        model.fit(data, steps_per_epoch=steps_of(v, args), epochs=1,
-                  verbose=0, shuffle=False)
-    per_round = {v: [] for v in variants}
-    per_round_cpu = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for variant in variants:
-            timer = StepTimer()
-            models[variant].fit(data, steps_per_epoch=steps_of(variant, args),
-                                epochs=1, verbose=0, shuffle=False,
-                                callbacks=[timer])
-            per_round[variant].append(float(np.mean(timer.times)))
-            per_round_cpu[variant].append(float(np.mean(timer.cpu_times)))
+    per_round, per_round_cpu = time_interleaved(
+        models, data, args.rounds, lambda v: steps_of(v, args))
 
     def medians(rounds):
         return {v: float(np.median(rounds[v])) if v in rounds else None
