@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = ["quickstart.py", "toy_trajectories.py", "tfhub_finetune.py",
-           "multiworker.py", "cifar.py", "custom_loop.py",
+           "multiworker.py", "cifar.py", "custom_loop.py", "sharded.py",
            os.path.join("..", "benchmarks", "step_time.py")]
 
 
@@ -290,6 +290,22 @@ def test_label_noise_corrupts_the_stated_fraction_nested_across_levels():
 
 
 @pytest.mark.slow
+def test_sharded_example():
+    # A (2, 4) mesh of virtual CPU devices against one device: the same
+    # weights to float32 rounding, every state buffer sharded like its
+    # weight (a quarter of each split kernel on a device).
+    out = _run("sharded.py", "--steps", "3", timeout=300,
+               env={"XLA_FLAGS": ""})
+    difference = float(re.search(r"largest weight difference ([-+.\de]+)",
+                                 out).group(1))
+    assert difference < 1e-6, out
+    rows = [line for line in out.splitlines() if "sharded like its weight"
+            in line]
+    assert len(rows) == 6 and all(r.endswith("True") for r in rows), out
+    kernel = next(r for r in rows if "middle/kernel" in r)
+    assert "262,144 of 1,048,576" in kernel, out
+
+
 def test_multiworker_launcher():
     out = _run("multiworker.py", "--workers", "2", timeout=300)
     finals = [line.split(": ", 1)[1] for line in out.splitlines()
