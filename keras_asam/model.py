@@ -93,10 +93,9 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             instead of g_adv; `"skip"` leaves the weights and the optimizer
             as they were (on every replica) where L(w + eps) or the descent
             direction is not finite, as a `LossScaleOptimizer` does with
-            non-finite gradients. With SAM and ASAM under
-            `jit_compile=True`, `"skip"` lets XLA drop g before the
-            perturbed pass: peak memory 0.33-0.44x the parameter bytes
-            lower (the README's cost section). Under a
+            non-finite gradients; with SAM and ASAM under
+            `jit_compile=True` it also lets XLA drop g before the
+            perturbed pass (the README's cost section). Under a
             `LossScaleOptimizer` the step hands g_adv to it either way, and
             it skips the step.
         asam_every: Integer >= 1. Run the perturbed pass only on steps where

@@ -7,20 +7,8 @@ import keras
 import numpy as np
 
 from keras_asam import selection, validation
+from keras_asam.distribute import tf  # Imported on first use only.
 from keras_asam.perturbation import is_bias, perturbation, project
-
-
-class _LazyTensorFlow:
-    """`tensorflow`, imported on first use: importing this module on the JAX
-    or PyTorch backend does not import TensorFlow."""
-
-    def __getattr__(self, name):
-        import tensorflow
-
-        return getattr(tensorflow, name)
-
-
-tf = _LazyTensorFlow()
 
 DEFAULTS = dict(adaptive=True, eta=0.01, normalization="elementwise", p=2,
                 perturb=None)

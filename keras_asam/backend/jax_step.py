@@ -24,6 +24,8 @@ the (global) batch is cut into n parts, sizes as in `numpy.array_split`
 and static at trace time; parts of equal size go through one `lax.scan`.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -208,15 +210,6 @@ class JaxTrainStep(SharedStep):
         batch = next(
             t for t in keras.tree.flatten(data[0]) if t is not None
         ).shape[0]
-        parts = min(self.num_batch_splits, batch)
-        quotient, remainder = divmod(batch, parts)
-        # (first example, number of parts, part size): the larger parts
-        # first, as in `numpy.array_split`.
-        groups = [(0, remainder, quotient + 1),
-                  (remainder * (quotient + 1), parts - remainder, quotient)]
-        float_state = {id(v) for v in self._float_state()}
-        is_float = [id(v) in float_state for v in self.non_trainable_variables]
-
         carry = (
             list(non_trainable),
             [jnp.zeros(w.shape, jnp.float32) for w in trainable],
@@ -224,40 +217,10 @@ class JaxTrainStep(SharedStep):
             jnp.zeros((), jnp.float32),
         )
         predictions = []
-        for start, count, size in groups:
-            if count == 0:
-                continue
-            share = size / batch
-
-            def body(carry, part, size=size, share=share):
-                state, gradient_sums, adversarial_sums, sharpness = carry
-                (part_loss, part_pred, after, _), gradients = passes(
-                    trainable, state, metrics_variables, part
-                )
-                adversarial, adversarial_loss, after = self._perturbed_pass(
-                    passes, trainable, gradients, gradients, list(after),
-                    metrics_variables, rho, part,
-                )
-                if size < 2:
-                    # Zero batch variance: BatchNorm statistics unchanged.
-                    after = [old if f else new
-                             for old, new, f in zip(state, after, is_float)]
-                after = [jnp.asarray(new, old.dtype)
-                         for old, new in zip(state, after)]
-                gradient_sums = [
-                    total + share * g.astype(jnp.float32)
-                    for total, g in zip(gradient_sums, gradients)
-                ]
-                adversarial_sums = [
-                    total + share * g.astype(jnp.float32)
-                    for total, g in zip(adversarial_sums, adversarial)
-                ]
-                sharpness = sharpness + share * jnp.asarray(
-                    adversarial_loss - part_loss, jnp.float32
-                )
-                return ((after, gradient_sums, adversarial_sums, sharpness),
-                        part_pred)
-
+        for start, count, size in _groups(batch, self.num_batch_splits):
+            body = functools.partial(
+                self._part_body, passes, trainable, metrics_variables, rho,
+                size, size / batch)
             stacked = keras.tree.map_structure(
                 lambda t, start=start, count=count, size=size: (
                     None if t is None else jnp.reshape(
@@ -286,6 +249,39 @@ class JaxTrainStep(SharedStep):
         self._values.lists[3] = metrics_variables
         return (loss, y_pred, list(state), gradients, adversarial,
                 loss + sharpness)
+
+    def _part_body(self, passes, trainable, metrics_variables, rho, size,
+                   share, carry, part):
+        """`lax.scan`'s body: both passes on one part of `size` examples,
+        its share of the means added to the carry."""
+        state, gradient_sums, adversarial_sums, sharpness = carry
+        (part_loss, part_pred, after, _), gradients = passes(
+            trainable, state, metrics_variables, part
+        )
+        adversarial, adversarial_loss, after = self._perturbed_pass(
+            passes, trainable, gradients, gradients, list(after),
+            metrics_variables, rho, part,
+        )
+        if size < 2:
+            # Zero batch variance: BatchNorm statistics unchanged.
+            float_state = {id(v) for v in self._float_state()}
+            after = [old if id(v) in float_state else new
+                     for v, old, new in zip(self.non_trainable_variables,
+                                            state, after)]
+        after = [jnp.asarray(new, old.dtype)
+                 for old, new in zip(state, after)]
+        gradient_sums = [
+            total + share * g.astype(jnp.float32)
+            for total, g in zip(gradient_sums, gradients)
+        ]
+        adversarial_sums = [
+            total + share * g.astype(jnp.float32)
+            for total, g in zip(adversarial_sums, adversarial)
+        ]
+        sharpness = sharpness + share * jnp.asarray(
+            adversarial_loss - part_loss, jnp.float32
+        )
+        return (after, gradient_sums, adversarial_sums, sharpness), part_pred
 
     # -- the update and the logs ----------------------------------------------
 
@@ -375,6 +371,17 @@ class JaxTrainStep(SharedStep):
             return logs, state
 
         self.train_function = train_function
+
+
+def _groups(batch, splits):
+    """`(first example, number of parts, part size)` of the parts of a
+    batch, the larger parts first, as in `numpy.array_split`; groups of no
+    part left out."""
+    parts = min(splits, batch)
+    quotient, remainder = divmod(batch, parts)
+    groups = [(0, remainder, quotient + 1),
+              (remainder * (quotient + 1), parts - remainder, quotient)]
+    return [group for group in groups if group[1] > 0]
 
 
 def _moved(values, eps):

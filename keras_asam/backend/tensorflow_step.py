@@ -190,103 +190,77 @@ class TensorFlowTrainStep(SharedStep):
                 "perturb with its own gradient. Received: num_batch_splits="
                 f"{self.num_batch_splits}, sync_perturbation=True"
             )
-        variables = self.trainable_variables
         batch = tf.shape(next(t for t in tf.nest.flatten(x)
                               if t is not None))[0]
         parts = tf.minimum(tf.constant(self.num_batch_splits), batch)
         quotient, remainder = batch // parts, batch % parts
-        batch_float = tf.cast(batch, tf.float32)
-
         self._warn_about_batchnorm()
         metric_state = [v for m in self.metrics for v in m.variables]
         saved_metrics = [tf.identity(v.value) for v in metric_state]
-        float_state = self._float_state()
-
         spec = self.compute_output_spec(
             tf.nest.map_structure(
-                lambda t: keras.KerasTensor(t.shape, t.dtype), x
-            ),
+                lambda t: keras.KerasTensor(t.shape, t.dtype), x),
             **({"training": True} if self._call_has_training_arg else {}),
         )
-        flat_spec = tf.nest.flatten(spec)
-        has_gradient = [True] * len(variables)
+        has_gradient = [True] * len(self.trainable_variables)
 
         def body(s, gradient_sums, adversarial_sums, sharpness_sum, outputs):
             start = s * quotient + tf.minimum(s, remainder)
             size = quotient + tf.cast(s < remainder, quotient.dtype)
-            part_x, part_y, part_weight = tf.nest.map_structure(
-                lambda t: None if t is None else t[start:start + size],
-                (x, y, sample_weight),
-            )
-            saved_bn = [tf.identity(v.value) for v in float_state]
-
-            part_pred, part_loss, part_gradients = self._loss_and_gradients(
-                part_x, part_y, part_weight
-            )
-            part_adversarial, part_adversarial_loss = _maybe(
-                run,
-                lambda: self._adversarial_gradients(
-                    part_x, part_y, part_weight, part_gradients,
-                    part_gradients, rho,
-                ),
-                part_gradients,
-                part_loss,
-            )
-            # A part of one example has zero batch variance: its passes leave
-            # BatchNormalization statistics as they were.
-            for v, old in zip(float_state, saved_bn):
-                v.assign(tf.where(size >= 2, v.value, old))
-
-            weight = tf.cast(size, tf.float32) / batch_float
+            part_pred, part_loss, part_gradients, part_adversarial, \
+                part_adversarial_loss = self._part_passes(
+                    tf.nest.map_structure(
+                        lambda t: None if t is None
+                        else t[start:start + size], (x, y, sample_weight)),
+                    size, rho, run)
+            weight = tf.cast(size, tf.float32) / tf.cast(batch, tf.float32)
             for i, g in enumerate(part_gradients):
-                if g is None:
-                    has_gradient[i] = False
-            gradient_sums = [
-                total if g is None else total + weight * tf.cast(g, tf.float32)
-                for total, g in zip(gradient_sums, part_gradients)
-            ]
-            adversarial_sums = [
-                total if g is None else total + weight * tf.cast(g, tf.float32)
-                for total, g in zip(adversarial_sums, part_adversarial)
-            ]
+                has_gradient[i] = has_gradient[i] and g is not None
             sharpness_sum += weight * tf.cast(
-                part_adversarial_loss - part_loss, tf.float32
-            )
+                part_adversarial_loss - part_loss, tf.float32)
             outputs = [
                 array.write(s, tf.cast(value, array.dtype))
                 for array, value in zip(outputs, tf.nest.flatten(part_pred))
             ]
-            return (s + 1, gradient_sums, adversarial_sums, sharpness_sum,
-                    outputs)
+            return (s + 1,
+                    _add_weighted(gradient_sums, part_gradients, weight),
+                    _add_weighted(adversarial_sums, part_adversarial, weight),
+                    sharpness_sum, outputs)
 
-        zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
-        outputs = [
-            tf.TensorArray(t.dtype, size=parts, infer_shape=False)
-            for t in flat_spec
-        ]
+        zeros = [tf.zeros(v.shape, tf.float32)
+                 for v in self.trainable_variables]
+        outputs = [tf.TensorArray(t.dtype, size=parts, infer_shape=False)
+                   for t in tf.nest.flatten(spec)]
         _, gradients, adversarial, sharpness, outputs = tf.while_loop(
-            lambda s, *_: s < parts,
-            body,
+            lambda s, *_: s < parts, body,
             (tf.constant(0), zeros, list(zeros), tf.constant(0.0), outputs),
             parallel_iterations=1,
         )
-        gradients = [g if present else None
-                     for g, present in zip(gradients, has_gradient)]
-        adversarial = [g if present else None
-                       for g, present in zip(adversarial, has_gradient)]
-        joined = []
-        for array, part_spec in zip(outputs, flat_spec):
-            value = array.concat()
-            value.set_shape([None, *part_spec.shape[1:]])
-            joined.append(value)
-        y_pred = tf.nest.pack_sequence_as(spec, joined)
-
+        y_pred = _joined(outputs, spec)
         # Per-output loss metrics count the joined batch once.
         for v, value in zip(metric_state, saved_metrics):
             v.assign(value)
         loss = self._compute_loss(x=x, y=y, y_pred=y_pred,
                                   sample_weight=sample_weight, training=True)
-        return y_pred, loss, gradients, adversarial, loss + sharpness
+        return (y_pred, loss, _present(gradients, has_gradient),
+                _present(adversarial, has_gradient), loss + sharpness)
+
+    def _part_passes(self, part, size, rho, run):
+        """Both passes on one part `(x, y, sample_weight)` of `size`
+        examples: `(y_pred, loss, g, g_adv, L(w + eps))`. A part of one
+        example has zero batch variance: its passes leave BatchNorm
+        statistics as they were."""
+        float_state = self._float_state()
+        saved = [tf.identity(v.value) for v in float_state]
+        y_pred, loss, gradients = self._loss_and_gradients(*part)
+        adversarial, adversarial_loss = _maybe(
+            run,
+            lambda: self._adversarial_gradients(*part, gradients, gradients,
+                                                rho),
+            gradients, loss)
+        for v, old in zip(float_state, saved):
+            v.assign(tf.where(size >= 2, v.value, old))
+        return y_pred, loss, gradients, adversarial, adversarial_loss
 
     def _loss_and_gradients(self, x, y, sample_weight):
         """Forward and backward pass; returns (y_pred, loss, gradients).
@@ -390,6 +364,28 @@ class TensorFlowTrainStep(SharedStep):
 
         self.train_function = train_function
         return train_function
+
+
+def _add_weighted(totals, values, weight):
+    """`totals + weight * values` in float32 (`totals` where a value is
+    `None`)."""
+    return [total if value is None
+            else total + weight * tf.cast(value, tf.float32)
+            for total, value in zip(totals, values)]
+
+
+def _present(values, present):
+    return [v if p else None for v, p in zip(values, present)]
+
+
+def _joined(arrays, spec):
+    """The parts' predictions (`TensorArray`s) joined into the batch."""
+    joined = []
+    for array, part_spec in zip(arrays, tf.nest.flatten(spec)):
+        value = array.concat()
+        value.set_shape([None, *part_spec.shape[1:]])
+        joined.append(value)
+    return tf.nest.pack_sequence_as(spec, joined)
 
 
 def _maybe(run, adversarial_fn, gradients, loss):
