@@ -126,7 +126,17 @@ class SharedStep:
                          rho, 0.0)
 
     def _context(self, rho, run):
-        """The `StepContext` of this step, read before the update."""
+        """The `StepContext` of this step, read before the update; also
+        creates what is not yet built (a model built by its first pass)."""
+        if not self.trainable_variables:
+            raise ValueError(
+                f"Model {self.name} has no trainable weights at the start "
+                "of its step. Check `trainable` on the model and its "
+                "layers; with a variant that takes no clean pass "
+                "(`clean_pass = False`) build the model before `fit`, e.g. "
+                "`model.build(input_shape)` or by calling it on a batch."
+            )
+        self._create_own_state()
         optimizer = self.optimizer
         if not optimizer.built:
             # As `apply` would: the scale and the learning rate are then

@@ -61,7 +61,7 @@ class JaxTrainStep(SharedStep):
             batch = (x, y, sample_weight)
             trainable, non_trainable = values.lists[0], values.lists[1]
             rho = self._rho_this_step()
-            ctx = self._context(rho, run)
+            ctx = self._context(rho, run)  # The model is built here.
             if run and self.num_batch_splits > 1:
                 (loss, y_pred, non_trainable, gradients, adversarial,
                  adversarial_loss) = self._split_passes(

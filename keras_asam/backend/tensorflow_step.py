@@ -30,10 +30,10 @@ class TensorFlowTrainStep(SharedStep):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         rho = self._rho_this_step()
         run = self._runs_perturbed_pass(rho, run_choice)
-        ctx = self._context(rho, run)
 
         if not self._takes_clean_pass(run):
             # One pass, at w + eps from the variant's state.
+            ctx = self._context(rho, run)
             eps = self._eps(self._ascent(None, ctx),
                             [v.value for v in self.trainable_variables], rho)
             y_pred, loss, adversarial = self._at(
@@ -44,11 +44,13 @@ class TensorFlowTrainStep(SharedStep):
             y_pred, loss, gradients, adversarial, adversarial_loss = (
                 self._split_passes(x, y, sample_weight, rho, run)
             )
+            ctx = self._context(rho, run)
         else:
             # Pass 1 at w: the loss, the metrics and the ascent direction.
             y_pred, loss, gradients = self._loss_and_gradients(
                 x, y, sample_weight
             )
+            ctx = self._context(rho, run)
             adversarial, adversarial_loss = gradients, loss
             if run is not False:
                 # Outside any conditional: TF allows no cross-replica sync

@@ -28,7 +28,7 @@ class TorchTrainStep(SharedStep):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with torch.no_grad():
             rho = self._rho_this_step()
-            ctx = self._context(rho, run)
+            ctx = self._context(rho, run)  # The model is built here.
         if run and self.num_batch_splits > 1:
             y_pred, loss, gradients, adversarial, adversarial_loss = (
                 self._split_passes(x, y, sample_weight, rho)
