@@ -31,7 +31,9 @@ class WSAM(Variant):
     correction, and a step whose L(w + eps) is not finite gets none either
     with the default `non_finite_step` (g_adv falls back to g). The
     decoupled correction uses the all-reduced gradients, so it is the same
-    on every replica. It needs the weights to move on every step:
+    on every replica. Steps without the perturbed pass (`asam_every`,
+    `asam_probability`, rho = 0) are plain steps with g and no correction.
+    It needs the weights to move on every step:
     `gradient_accumulation_steps` raises.
 
     Args:
