@@ -288,3 +288,22 @@ def test_momentum_sam_skips_a_non_finite_step():
     changed = [not np.array_equal(a, b) for a, b in zip(state, after)]
     # Only rho and the step count moved.
     assert sum(changed) == 2
+
+
+@pytest.mark.parametrize("case", ["fsam_asam", "wsam_asam"])
+def test_steps_picked_in_the_graph_match_steps_picked_on_the_host(case):
+    # asam_every=2 with steps_per_execution=2: the graph picks each step's
+    # kind (a boolean tensor: the hooks' results are selected), against the
+    # host picking it (one traced function per kind). Four steps.
+    runs = []
+    x, y, _ = family_script.data()
+    for steps_per_execution in (1, 2):
+        model = family_script.build(case, asam_every=2)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      loss="mse", steps_per_execution=steps_per_execution)
+        model.fit(np.concatenate([x, x[:16]]), np.concatenate([y, y[:16]]),
+                  batch_size=16, shuffle=False, verbose=0)
+        assert model.train_steps == 4
+        runs.append([v.numpy() for v in model.weights])
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -32,7 +32,9 @@ class TensorFlowTrainStep(SharedStep):
         run = self._runs_perturbed_pass(rho, run_choice)
 
         if not self._takes_clean_pass(run):
-            # One pass, at w + eps from the variant's state.
+            # One pass, at w + eps from the variant's state (eps = 0 where
+            # a rho schedule is at 0: the same as a plain step).
+            run = True
             ctx = self._context(rho, run)
             eps = self._eps(self._ascent(None, ctx),
                             [v.value for v in self.trainable_variables], rho)
