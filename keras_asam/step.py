@@ -2,23 +2,26 @@
 
 One step of `ASAMModel`, read top to bottom:
 
-    rho_t = rho(counter), 0 if negative or not finite     `_rho_this_step`
-    run   = does this step take the perturbed pass?       schedules, rho_t > 0
-    g     = grad L(w)                                     clean pass (backend)
-    a     = variant.ascent(g)                             `_ascent`
-    eps   = rho_t * T_w^2 a / ||T_w a||_2                 `_eps`
-    g_adv = grad L(w + eps)                               perturbed pass
-                                                          (backend), g where
-                                                          L(w + eps) is not
-                                                          finite by default
-    d     = variant.descent(g, g_adv) or off_step(g)      `_descent`
-    w     <- optimizer(w, d)                              none where L(w + eps)
-                                                          or d is not finite
-                                                          and
-                                                          `non_finite_step` is
-                                                          "skip"
-    w     <- w + variant.after_apply(g, g_adv)            `_after_apply`
+    rho_t = rho(counter), 0 if negative or not finite   `_rho_this_step`
+    run   = does this step take the perturbed pass?     schedules, rho_t > 0
+    g     = grad L(w)                                   clean pass (backend)
+    a     = variant.ascent(g)                           `_ascent`
+    eps   = rho_t * T_w^2 a / ||T_w a||_2               `_eps`
+    g_adv = grad L(w + eps)                             perturbed pass
+                                                        (backend); g where
+                                                        L(w + eps) is not
+                                                        finite, by default
+    d     = variant.descent(g, g_adv), or off_step(g)   `_descent`
+    w     <- optimizer(w, d)                            `_update`: none with
+                                                        non_finite_step="skip"
+                                                        where L(w + eps) or d
+                                                        is not finite
+    w     <- w + variant.after_apply(g, g_adv)          `_after_apply`
     logs: loss and metrics of the clean pass, mean of L(w + eps) - L(w)
+
+A variant without a clean pass (`clean_pass = False`) builds eps from its
+state (`variant.pre_pass`) and takes one pass, at w + eps, whose loss,
+metrics and BatchNorm updates are the step's.
 
 Everything here is written with `keras.ops` and the model's variables. A
 backend's mixin (`keras_asam/backend/<name>_step.py`) owns the passes, the
