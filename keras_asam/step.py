@@ -19,6 +19,14 @@ One step of `ASAMModel`, read top to bottom:
     w     <- w + variant.after_apply(g, g_adv)          `_after_apply`
     logs: loss and metrics of the clean pass, mean of L(w + eps) - L(w)
 
+With `num_batch_splits = n` the batch is cut into n parts s (sizes as in
+`numpy.array_split`), each perturbing along its own gradient g_s; the
+backend's split passes return
+
+    g     = sum_s |s| / |B| grad L_s(w)
+    g_adv = sum_s |s| / |B| grad L_s(w + eps_s)
+    L_adv = L(w) + sum_s |s| / |B| (L_s(w + eps_s) - L_s(w))
+
 A variant without a clean pass (`clean_pass = False`) builds eps from its
 state (`variant.pre_pass`) and takes one pass, at w + eps, whose loss,
 metrics and BatchNorm updates are the step's.

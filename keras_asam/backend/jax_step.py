@@ -178,13 +178,9 @@ class JaxTrainStep(SharedStep):
                       metrics_variables, data, rho):
         """Both passes for each of `num_batch_splits` parts of the batch.
 
-        With parts s of sizes |s| as in `numpy.array_split` (one example
-        per part when the batch has fewer than n), part s perturbs along its
-        own gradient g_s:
-
-            g     = sum_s |s| / |B| grad L_s(w)
-            g_adv = sum_s |s| / |B| grad L_s(w + eps_s)
-            L_adv = L(w) + sum_s |s| / |B| (L_s(w + eps_s) - L_s(w))
+        Part s perturbs along its own gradient g_s; the results are the
+        size-weighted means of `keras_asam/step.py`'s docstring (one
+        example per part when the batch has fewer than n).
 
         The non-trainable values run through the parts in order (BatchNorm
         statistics updated once per part, by its clean pass); a part of one

@@ -129,13 +129,9 @@ class TorchTrainStep(SharedStep):
     def _split_passes(self, x, y, sample_weight, rho):
         """Both passes for each of `num_batch_splits` parts of the batch.
 
-        With parts s of sizes |s| as in `numpy.array_split` (one example
-        per part when the batch has fewer than n), part s perturbs along its
-        own gradient g_s:
-
-            g     = sum_s |s| / |B| grad L_s(w)
-            g_adv = sum_s |s| / |B| grad L_s(w + eps_s)
-            L_adv = L(w) + sum_s |s| / |B| (L_s(w + eps_s) - L_s(w))
+        Part s perturbs along its own gradient g_s; the results are the
+        size-weighted means of `keras_asam/step.py`'s docstring (one
+        example per part when the batch has fewer than n).
 
         Each part's clean pass updates the BatchNorm statistics once; a part
         of one example leaves the float non-trainable variables as they
