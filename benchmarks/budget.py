@@ -1,0 +1,911 @@
+"""At equal cost: what a time budget buys with each method.
+
+SAM-type methods take two forward-and-backward passes per step. At equal
+epochs they gain under label noise (`generalization.py`), but equal epochs
+is not equal cost. This script trains every method of the SAM family that
+keras_asam offers, the cheap schedules included, under two budgets, and
+reports what each buys per measured second.
+
+Data, network, recipe, splits, label noise and seeds are those of
+`generalization.py` (imported, not copied): scikit-learn's digits and
+MNIST-1D, at 0% and 40% symmetric label noise; the MLP with
+LayerNormalization; SGD with momentum 0.9, decoupled weight decay 5e-4,
+learning rate 0.05 with cosine decay to 0 over each run's own length,
+batch 128; XLA; 5 seeds, a seed fixing the noise, the validation split, the
+initial weights (the same for every method) and the batch order.
+
+Methods, with the passes per step the issue counts as their cost:
+
+  base         a plain `keras.Model`: the base optimizer alone           1
+  sam          `SAMModel`, rho 0.05                                      2
+  asam         `ASAMModel`, rho 0.5                                      2
+  asam_every2  ASAM, `asam_every=2`                                      1.5
+  asam_every5  ASAM, `asam_every=5`                                      1.2
+  asam_p05     ASAM, `asam_probability=0.5`                              1.5
+  looksam5     ASAM, `variants.LookSAM(0.7)`, `asam_every=5` (k = 5)     1.2
+  gsam         ASAM, `variants.GSAM(0.1)` (generalization.py's alpha)    2
+  fsam         ASAM, `variants.FriendlySAM(sigma=1.0, lmbda=0.9)`        2
+  wsam         ASAM, `variants.WSAM(gamma=0.9, decouple=True)`           2
+  msam         `SAMModel`, rho 3, `variants.MomentumSAM(0.9)`            1
+
+rho: the generalization benchmark's (SAM 0.05, ASAM and its variants 0.5);
+Momentum-SAM rho 3 without the adaptive scaling, its paper's value. The
+draws of `asam_probability` come from the model's fixed `asam_seed`, the
+same for every seed of the benchmark (their measured fraction is recorded).
+
+Budgets:
+
+  epochs   equal epochs: E = 30 for every method.
+  passes   equal passes: what base spends in 2E epochs, i.e. 2E / (passes per
+           step) epochs: base 60, the two-pass methods 30 (their equal-epochs
+           runs, reused), the 1.5-pass ones 40, the 1.2-pass ones 50,
+           Momentum-SAM 60.
+
+Each run's learning-rate schedule spans its own length.
+
+Measured cost: process CPU seconds of the training epochs (the fit loop
+over the batches; the per-epoch evaluation on the validation and test sets
+is not counted), one CPU thread per process. The first epoch is dominated
+by tracing and XLA compilation: it is not measured but counted at the
+median of the run's other epochs, and so is any later epoch above three
+times that median (a new batch shape or step kind compiled there for the
+first time); the run's `training_seconds` is the sum. Raw per-epoch CPU and
+wall seconds are kept in the JSON.
+
+Reported, per data set, noise level, method and budget: test accuracy at
+the best-validation epoch (first maximum; the validation labels are noisy,
+as a user's) and at the final epoch, mean +/- sample std over seeds; the
+paired difference to base at the same budget, mean over seeds +/- 95%
+t-interval half-width. Time to accuracy: for each seed the training seconds
+until a run's validation accuracy first reaches the best validation
+accuracy of base's equal-epochs run of that seed, the median over seeds (a
+seed that never reaches it counts as infinitely slow: "never" when most
+do not). The question of issue 19, point 4: at 40% noise, under equal
+epochs, is there a method of at most 1.25 passes per step (asam_every5,
+looksam5, msam) whose mean gain over base is at least 0.7 x ASAM's while
+its own 95% t-interval excludes zero? Answered per data set, at the
+best-validation epoch and at the final epoch; "undetermined" when ASAM's own
+interval includes zero.
+
+    python benchmarks/budget.py            # the full run (see README.md)
+    python benchmarks/budget.py --quick    # smoke run, about a minute
+    python benchmarks/budget.py --render benchmarks/results/budget.json
+
+Writes budget.json (versions, commit, arguments, load average, every run's
+curves), budget.md (tables) and budget_frontier.png to benchmarks/results/
+(`--quick`: budget_quick.*). While it runs, each process appends its
+finished runs to budget_partial_<i>.jsonl there; `--resume` skips the runs
+those files hold, and they are removed once the results are written.
+"""
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# Before TensorFlow is imported: hide its C++ info and warning lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import generalization as g  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_asam  # noqa: E402
+from keras_asam import second_pass, variants  # noqa: E402
+
+ROOT = g.ROOT
+RESULTS_DIR = g.RESULTS_DIR
+
+EPOCHS = 30  # E, the equal-epochs budget (generalization.py's).
+DATASETS = ["digits", "mnist1d"]
+NOISE_LEVELS = [0.0, 0.4]
+SEEDS = list(g.SEEDS)
+BUDGETS = ["epochs", "passes"]
+POINT4_NOISE = 0.4
+POINT4_MAX_PASSES = 1.25
+POINT4_SHARE = 0.7
+
+LOOKSAM_ALPHA = 0.7
+FSAM_SIGMA, FSAM_LMBDA = 1.0, 0.9
+WSAM_GAMMA = 0.9
+MSAM_RHO, MSAM_MOMENTUM = 3.0, 0.9
+
+METHODS = ["base", "sam", "asam", "asam_every2", "asam_every5", "asam_p05",
+           "looksam5", "gsam", "fsam", "wsam", "msam"]
+PASSES = {"base": 1.0, "sam": 2.0, "asam": 2.0, "asam_every2": 1.5,
+          "asam_every5": 1.2, "asam_p05": 1.5, "looksam5": 1.2, "gsam": 2.0,
+          "fsam": 2.0, "wsam": 2.0, "msam": 1.0}
+LABELS = {
+    "base": "base (SGD)",
+    "sam": f"SAM rho {g.SAM_RHO}",
+    "asam": f"ASAM rho {g.ASAM_RHO}",
+    "asam_every2": "ASAM every 2",
+    "asam_every5": "ASAM every 5",
+    "asam_p05": "ASAM p 0.5",
+    "looksam5": f"LookSAM k 5 alpha {LOOKSAM_ALPHA}",
+    "gsam": f"GSAM alpha {g.GSAM_ALPHA}",
+    "fsam": f"F-SAM sigma {FSAM_SIGMA} lambda {FSAM_LMBDA}",
+    "wsam": f"WSAM gamma {WSAM_GAMMA} decoupled",
+    "msam": f"Momentum-SAM rho {MSAM_RHO}",
+}
+SHORT = {"base": "base", "sam": "SAM", "asam": "ASAM",
+         "asam_every2": "every2", "asam_every5": "every5",
+         "asam_p05": "p0.5", "looksam5": "LookSAM", "gsam": "GSAM",
+         "fsam": "F-SAM", "wsam": "WSAM", "msam": "MSAM"}
+
+JOBS = 2
+# Relative CPU cost of an epoch, only to share the work between processes.
+DATASET_COST = {"digits": 1.0, "mnist1d": 2.8}
+# An epoch above this many times the run's median (epochs 2..N) is taken to
+# hold a compilation (a new batch shape or step kind) and counted at the
+# median.
+SPIKE = 3.0
+
+QUICK = dict(epochs=2, seeds=[0, 1], noise_levels=[0.4],
+             datasets=["digits"],
+             methods=["base", "asam", "asam_p05", "looksam5", "msam"],
+             max_train=512, jit_compile=False)
+
+
+# -- methods and budgets -------------------------------------------------
+
+
+def method_kwargs(method):
+    """`ASAMModel` arguments of a method (None: the plain base model)."""
+    asam = dict(rho=g.ASAM_RHO)
+    return {
+        "base": None,
+        "sam": dict(adaptive=False, rho=g.SAM_RHO),
+        "asam": asam,
+        "asam_every2": dict(asam, asam_every=2),
+        "asam_every5": dict(asam, asam_every=5),
+        "asam_p05": dict(asam, asam_probability=0.5),
+        "looksam5": dict(asam, asam_every=5,
+                         variant=variants.LookSAM(LOOKSAM_ALPHA)),
+        "gsam": dict(asam, variant=variants.GSAM(g.GSAM_ALPHA)),
+        "fsam": dict(asam, variant=variants.FriendlySAM(
+            sigma=FSAM_SIGMA, lmbda=FSAM_LMBDA)),
+        "wsam": dict(asam, variant=variants.WSAM(gamma=WSAM_GAMMA,
+                                                  decouple=True)),
+        "msam": dict(adaptive=False, rho=MSAM_RHO,
+                     variant=variants.MomentumSAM(MSAM_MOMENTUM)),
+    }[method]
+
+
+def budget_epochs(method, budget, epochs):
+    """Epochs of `method` under `budget` when equal epochs means `epochs`."""
+    if budget == "epochs":
+        return epochs
+    return int(round(2 * epochs / PASSES[method]))
+
+
+def perturbed_fraction(method, steps):
+    """The fraction of `steps` steps (from 0) that take the perturbed pass:
+    the model's own host-side choice, with its default seed."""
+    kwargs = method_kwargs(method)
+    if kwargs is None or method == "msam":
+        return 0.0
+    every = kwargs.get("asam_every", 1)
+    probability = kwargs.get("asam_probability", 1.0)
+    return float(np.mean([second_pass.perturb_on_host(
+        step, every=every, probability=probability)
+        for step in range(steps)]))
+
+
+# -- training -------------------------------------------------------------
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Per epoch, the process CPU and wall seconds of the training loop.
+    Listed before the evaluation callback, so it is not counted."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.cpu, self.wall = time.process_time(), time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["cpu_seconds"] = time.process_time() - self.cpu
+        logs["wall_seconds"] = time.time() - self.wall
+
+
+class Trainer(g.Trainer):
+    """generalization.Trainer with this benchmark's methods: one compiled
+    model per (data set, method, epochs), reused for every seed and noise
+    level. Before each run every variable of the model (weights, rho, the
+    step counter the schedules follow, the variant's state) and of the
+    optimizer is set back to its value before the first step, then the
+    weights to the seed's initial ones."""
+
+    def __init__(self, dataset, method, steps_per_epoch, epochs,
+                 jit_compile):
+        self.network = g.build_network(dataset)
+        kwargs = method_kwargs(method)
+        self.model = (self.network if kwargs is None
+                      else keras_asam.ASAMModel(self.network, **kwargs))
+        schedule = keras.optimizers.schedules.CosineDecay(
+            g.LEARNING_RATE, decay_steps=steps_per_epoch * epochs)
+        self.model.compile(
+            optimizer=keras.optimizers.SGD(schedule, momentum=g.MOMENTUM,
+                                           weight_decay=g.WEIGHT_DECAY),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"], jit_compile=jit_compile)
+        self.model.optimizer.build(self.model.trainable_variables)
+        self.optimizer_start = [keras.ops.convert_to_numpy(v)
+                                for v in self.model.optimizer.variables]
+        self.model_start = [keras.ops.convert_to_numpy(v)
+                            for v in self.model.variables]
+        network = self.network
+
+        @tf.function
+        def evaluate(x, y):
+            logits = network(x, training=False)
+            loss = keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True)
+            hits = keras.ops.equal(keras.ops.argmax(logits, axis=-1), y)
+            return loss, keras.ops.cast(hits, "float32")
+
+        self.evaluate = evaluate
+
+    def run(self, initial_weights, seed, data, epochs, batch_size):
+        """Trains from `initial_weights`; returns the per-epoch curves,
+        with each epoch's CPU and wall seconds."""
+        for variable, value in zip(self.model.variables, self.model_start):
+            variable.assign(value)
+        for variable, value in zip(self.model.optimizer.variables,
+                                   self.optimizer_start):
+            variable.assign(value)
+        self.network.set_weights(initial_weights)
+        x_train, y_train, x_val, y_val, x_test, y_test = data
+        keras.utils.set_random_seed(seed)
+        batches = tf.data.Dataset.from_tensor_slices((x_train, y_train)) \
+            .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True) \
+            .batch(batch_size).prefetch(1)
+        held_out = g.HeldOutAccuracy(self.evaluate, x_val, y_val, x_test,
+                                     y_test)
+        history = self.model.fit(batches, epochs=epochs, verbose=0,
+                                 shuffle=False,
+                                 callbacks=[EpochClock(), held_out])
+        keys = ["loss", "accuracy", "val_loss", "val_accuracy", "test_loss",
+                "test_accuracy", "cpu_seconds", "wall_seconds"]
+        return {k: [round(float(v), 6) for v in history.history[k]]
+                for k in keys}
+
+
+def epoch_seconds(cpu):
+    """Per-epoch training seconds of a run: measured from the second epoch
+    on; the first epoch, and any epoch above SPIKE times the median of
+    epochs 2..N, counted at that median. Returns (seconds, replaced)."""
+    cpu = list(cpu)
+    steady = cpu[1:] if len(cpu) > 1 else cpu
+    median = float(np.median(steady))
+    out, replaced = [], []
+    for i, value in enumerate(cpu):
+        if i == 0 or value > SPIKE * median:
+            out.append(median)
+            if i > 0:
+                replaced.append(i + 1)
+        else:
+            out.append(value)
+    return out, replaced
+
+
+def summarize_run(curves):
+    out = g.summarize_run(curves)
+    seconds, replaced = epoch_seconds(curves["cpu_seconds"])
+    out.update(training_seconds=round(float(np.sum(seconds)), 3),
+               cpu_seconds_from_epoch2=round(float(np.sum(
+                   curves["cpu_seconds"][1:])), 3),
+               epochs_counted_at_median=replaced,
+               elapsed_seconds=[round(float(s), 3)
+                                for s in np.cumsum(seconds)])
+    return out
+
+
+def plan(args):
+    """The runs, one dict per run; a run serves each budget whose epochs it
+    has (the two-pass methods' equal-epochs runs serve both)."""
+    tasks = []
+    for dataset in args.datasets:
+        budgets = [b for b in args.budgets
+                   if b != "passes" or dataset in args.passes_datasets]
+        for noise in args.noise_levels:
+            for method in args.methods:
+                by_epochs = {}
+                for budget in budgets:
+                    by_epochs.setdefault(budget_epochs(
+                        method, budget, args.epochs), []).append(budget)
+                for epochs, served in by_epochs.items():
+                    for seed in args.seeds:
+                        tasks.append(dict(dataset=dataset, noise=noise,
+                                          method=method, epochs=epochs,
+                                          budgets=served, seed=seed))
+    return tasks
+
+
+def run_key(run):
+    return tuple(run[k] for k in ("dataset", "noise", "method", "epochs",
+                                  "seed"))
+
+
+def run_tasks(tasks, max_train, jit_compile, prefix="", partial=None):
+    """Runs `tasks` in this process, in order; returns their records and
+    appends each to the file `partial` (JSON lines) as it finishes."""
+    runs, data_sets, trainers, starts = [], {}, {}, {}
+    started = time.time()
+    for count, task in enumerate(tasks, start=1):
+        dataset, noise, method, epochs, seed = (
+            task["dataset"], task["noise"], task["method"], task["epochs"],
+            task["seed"])
+        batch_size = g.BATCH_SIZE[dataset]
+        if dataset not in data_sets:
+            x_pool, y_pool, x_test, y_test = g.load_pool_and_test(dataset)
+            if max_train:
+                x_pool, y_pool = x_pool[:max_train], y_pool[:max_train]
+            data_sets[dataset] = x_pool, y_pool, x_test, y_test
+        x_pool, y_pool, x_test, y_test = data_sets[dataset]
+        train, val, labels = g.label_noise.noisy_split(
+            y_pool, noise, seed, num_classes=g.NUM_CLASSES,
+            validation_fraction=g.VALIDATION_FRACTION)
+        data = (x_pool[train], labels[train], x_pool[val], labels[val],
+                x_test, y_test)
+        if (dataset, seed) not in starts:
+            starts[dataset, seed] = g.initial_weights(dataset, seed)
+        steps = -(-len(train) // batch_size)
+        if (dataset, method, epochs) not in trainers:
+            trainers[dataset, method, epochs] = Trainer(
+                dataset, method, steps, epochs, jit_compile)
+        tic, cpu = time.time(), time.process_time()
+        curves = trainers[dataset, method, epochs].run(
+            starts[dataset, seed], seed, data, epochs, batch_size)
+        fraction = perturbed_fraction(method, steps * epochs)
+        run = dict(task, batch_size=batch_size, steps_per_epoch=steps,
+                   n_train=len(train), n_val=len(val), n_test=len(y_test),
+                   passes_per_step=PASSES[method],
+                   perturbed_fraction=round(fraction, 4),
+                   seconds=round(time.time() - tic, 2),
+                   cpu_seconds=round(time.process_time() - cpu, 2),
+                   load_average_1min=os.getloadavg()[0],
+                   noisy_train_fraction=float(
+                       np.mean(labels[train] != y_pool[train])),
+                   curves=curves)
+        run.update(summarize_run(curves))
+        runs.append(run)
+        if partial:
+            with open(partial, "a") as f:
+                f.write(json.dumps(run, separators=(",", ":")) + "\n")
+        print(f"{prefix}{count}/{len(tasks)} {dataset:7s} noise {noise:.1f} "
+              f"{method:11s} {epochs:2d} ep seed {seed}: test "
+              f"{run['test_at_best_val']:.4f} at best val (epoch "
+              f"{run['best_epoch']:2d}), {run['test_final']:.4f} final; "
+              f"{run['training_seconds']:.1f} CPU s training, "
+              f"{run['seconds']:.1f} s wall; load "
+              f"{run['load_average_1min']:.1f} "
+              f"[{(time.time() - started) / 60:.1f} min]", flush=True)
+    return runs
+
+
+def task_cost(task):
+    return (DATASET_COST[task["dataset"]] * task["epochs"]
+            * PASSES[task["method"]])
+
+
+def assign(tasks, jobs):
+    """Splits the tasks into `jobs` lists of about equal cost, keeping each
+    (data set, method, epochs) in one list (one trace per model). Costliest
+    group first, each to the least loaded list."""
+    groups = {}
+    for task in tasks:
+        groups.setdefault((task["dataset"], task["method"], task["epochs"]),
+                          []).append(task)
+    loads = [[0.0, []] for _ in range(jobs)]
+    for group in sorted(groups.values(),
+                        key=lambda group: -sum(map(task_cost, group))):
+        lightest = min(loads, key=lambda load: load[0])
+        lightest[0] += sum(map(task_cost, group))
+        lightest[1] += group
+    return [tasks for _, tasks in loads]
+
+
+def experiment(args, stem):
+    """Runs every task (but those `--resume` finds done) in `args.jobs`
+    processes of one CPU thread each: this one and `args.jobs - 1` workers.
+    Returns the run records in plan order."""
+    tasks = plan(args)
+    partials = sorted(glob.glob(f"{stem}_partial_*.jsonl"))
+    done = []
+    if args.resume:
+        for path in partials:
+            with open(path) as f:
+                done += [json.loads(line) for line in f if line.strip()]
+        wanted = {run_key(t) for t in tasks}
+        done = list({run_key(r): r for r in done
+                     if run_key(r) in wanted}.values())
+    else:
+        for path in partials:
+            os.remove(path)
+    finished = {run_key(r) for r in done}
+    todo = [t for t in tasks if run_key(t) not in finished]
+    print(f"{len(tasks)} runs ({len(done)} done before), "
+          f"{sum(t['epochs'] for t in todo)} epochs to train; "
+          f"{args.jobs} job(s)", flush=True)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1",
+               TF_NUM_INTEROP_THREADS="1")
+    own, *parts = assign(todo, args.jobs)
+    runs = list(done)
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = []
+        for i, part in enumerate(parts, start=1):
+            if not part:
+                continue
+            path = os.path.join(tmp, f"worker{i}.json")
+            with open(path, "w") as f:
+                json.dump(dict(tasks=part, max_train=args.max_train,
+                               jit_compile=args.jit_compile,
+                               prefix=f"[{i}] ",
+                               partial=f"{stem}_partial_{i}.jsonl"), f)
+            workers.append((path, subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--worker", path],
+                env=env, cwd=ROOT)))
+        try:
+            runs += run_tasks(own, args.max_train, args.jit_compile,
+                              prefix="[0] ",
+                              partial=f"{stem}_partial_0.jsonl")
+        finally:
+            for path, process in workers:
+                if process.wait() != 0:
+                    raise RuntimeError(f"worker {path} failed with exit "
+                                       f"code {process.returncode}")
+        for path, _ in workers:
+            with open(path) as f:
+                runs += json.load(f)["runs"]
+    order = {run_key(t): i for i, t in enumerate(tasks)}
+    return sorted(runs, key=lambda r: order[run_key(r)])
+
+
+def worker(path):
+    """`--worker PATH`: runs the tasks in PATH and writes the runs back."""
+    with open(path) as f:
+        job = json.load(f)
+    job["runs"] = run_tasks(job["tasks"], job["max_train"],
+                            job["jit_compile"], job["prefix"],
+                            job["partial"])
+    with open(path, "w") as f:
+        json.dump(job, f)
+
+
+# -- statistics -------------------------------------------------------------
+
+
+def budget_runs(runs, dataset, noise, method, budget):
+    """The runs of one (data set, noise, method, budget), by seed."""
+    return sorted([r for r in runs if (r["dataset"], r["noise"],
+                                       r["method"]) == (dataset, noise, method)
+                   and budget in r["budgets"]], key=lambda r: r["seed"])
+
+
+def _order(reference):
+    return lambda x: reference.index(x) if x in reference else len(reference)
+
+
+def combos(runs):
+    """(data set, noise) pairs present, in order."""
+    return sorted({(r["dataset"], r["noise"]) for r in runs},
+                  key=lambda c: (_order(DATASETS)(c[0]), c[1]))
+
+
+def summary(runs):
+    """Per (data set, noise, method, budget): mean/std of the accuracies
+    and seconds, the paired differences to base at the same budget (95%
+    t-interval half-widths) and the time to base's accuracy."""
+    cells = []
+    for dataset, noise in combos(runs):
+        methods = sorted({r["method"] for r in runs
+                          if r["dataset"] == dataset}, key=_order(METHODS))
+        targets = {r["seed"]: r["best_val_accuracy"] for r in budget_runs(
+            runs, dataset, noise, "base", "epochs")}
+        for budget in BUDGETS:
+            base = {r["seed"]: r for r in budget_runs(
+                runs, dataset, noise, "base", budget)}
+            for method in methods:
+                found = budget_runs(runs, dataset, noise, method, budget)
+                if not found:
+                    continue
+                cell = dict(dataset=dataset, noise=noise, method=method,
+                            budget=budget, epochs=found[0]["epochs"],
+                            passes_per_step=PASSES[method],
+                            passes_per_step_measured=(
+                                1.0 + found[0]["perturbed_fraction"]),
+                            seeds=[r["seed"] for r in found])
+                for metric in ("test_at_best_val", "test_final",
+                               "best_val_accuracy", "train_accuracy_final",
+                               "training_seconds", "best_epoch"):
+                    cell[metric] = g.mean_std([r[metric] for r in found])
+                paired = [r for r in found if r["seed"] in base]
+                if method != "base" and paired:
+                    for metric in ("test_at_best_val", "test_final"):
+                        cell[f"{metric}_minus_base"] = g.paired_interval(
+                            [r[metric] for r in paired],
+                            [base[r["seed"]][metric] for r in paired])
+                    cell["paired_seeds"] = [r["seed"] for r in paired]
+                cell["time_to_base_accuracy"] = time_to_accuracy(
+                    found, targets)
+                cells.append(cell)
+    return cells
+
+
+def time_to_accuracy(found, targets):
+    """Seconds until the validation accuracy first reaches the seed's
+    target (base's best validation accuracy at equal epochs): per seed
+    (None: never), the median over seeds (None: never, when more than half
+    never reach it) and how many seeds reach it."""
+    per_seed = {}
+    for run in found:
+        if run["seed"] not in targets:
+            continue
+        target = targets[run["seed"]]
+        reached = [i for i, v in enumerate(run["curves"]["val_accuracy"])
+                   if v >= target]
+        per_seed[str(run["seed"])] = (
+            run["elapsed_seconds"][reached[0]] if reached else None)
+    values = [np.inf if v is None else v for v in per_seed.values()]
+    median = float(np.median(values)) if values else np.inf
+    return dict(per_seed=per_seed,
+                median=None if not np.isfinite(median) else median,
+                reached=sum(v is not None for v in per_seed.values()),
+                seeds=len(per_seed))
+
+
+def find_cell(cells, dataset, noise, method, budget):
+    for cell in cells:
+        if (cell["dataset"], cell["noise"], cell["method"],
+                cell["budget"]) == (dataset, noise, method, budget):
+            return cell
+    return None
+
+
+def point4(cells):
+    """Issue 19, point 4, per data set and metric (equal epochs, 40%
+    noise): a method of at most 1.25 passes per step whose mean gain is at
+    least 0.7 x ASAM's, its own 95% t-interval excluding zero."""
+    out = []
+    for dataset in sorted({c["dataset"] for c in cells},
+                          key=_order(DATASETS)):
+        asam = find_cell(cells, dataset, POINT4_NOISE, "asam", "epochs")
+        if asam is None or "test_at_best_val_minus_base" not in asam:
+            continue
+        candidates = [m for m in METHODS
+                      if m != "base" and PASSES[m] <= POINT4_MAX_PASSES]
+        for metric in ("test_at_best_val", "test_final"):
+            gain, half = asam[f"{metric}_minus_base"]
+            entry = dict(dataset=dataset, noise=POINT4_NOISE, metric=metric,
+                         seeds=asam["paired_seeds"], asam_gain=[gain, half],
+                         threshold=POINT4_SHARE * gain, candidates=[])
+            determined = bool(np.isfinite(half) and gain - half > 0)
+            qualifying = []
+            for method in candidates:
+                cell = find_cell(cells, dataset, POINT4_NOISE, method,
+                                 "epochs")
+                if cell is None or f"{metric}_minus_base" not in cell:
+                    continue
+                m_gain, m_half = cell[f"{metric}_minus_base"]
+                excludes_zero = bool(np.isfinite(m_half) and (
+                    m_gain - m_half > 0 or m_gain + m_half < 0))
+                qualifies = bool(determined and m_gain >= entry["threshold"]
+                                 and excludes_zero)
+                entry["candidates"].append(dict(
+                    method=method, passes_per_step=PASSES[method],
+                    gain=[m_gain, m_half],
+                    share_of_asam=(m_gain / gain if gain else None),
+                    interval_excludes_zero=excludes_zero,
+                    qualifies=qualifies))
+                if qualifies:
+                    qualifying.append(method)
+            entry["qualifying"] = qualifying
+            entry["answer"] = ("undetermined" if not determined
+                               else "yes" if qualifying else "no")
+            out.append(entry)
+    return out
+
+
+# -- reporting ------------------------------------------------------------
+
+
+def percent(pair, signed=False):
+    return g.percent(pair, signed=signed)
+
+
+def seconds_text(value):
+    return "never" if value is None else f"{value:.1f}"
+
+
+def budget_name(budget, epochs):
+    return f"equal {budget} ({epochs} ep)"
+
+
+def markdown(results):
+    cells = results["summary"]
+    meta = results["meta"]
+    lines = []
+    for dataset, noise in combos(results["runs"]):
+        rows = [c for c in cells
+                if (c["dataset"], c["noise"]) == (dataset, noise)]
+        n = len(rows[0]["seeds"])
+        lines += [
+            f"### {dataset}, {100 * noise:.0f}% noise ({n} seeds)", "",
+            "Test accuracy % (clean test labels): mean +/- sample std over "
+            "seeds; - base: mean paired difference to base at the same "
+            "budget +/- 95% t-interval half-width, in points. Seconds: "
+            "process CPU seconds of training (epochs 2..N measured, the "
+            "first at their median), mean over seeds. Time to base: median "
+            "seconds until validation accuracy first reaches base's best "
+            "at equal epochs (seeds reaching it).", "",
+            "| budget | method | passes/step | epochs | CPU s | at best val "
+            "| final | best val - base | final - base | time to base |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in rows:
+            diff = [percent(c[f"{m}_minus_base"], signed=True)
+                    if f"{m}_minus_base" in c else "-"
+                    for m in ("test_at_best_val", "test_final")]
+            t = c["time_to_base_accuracy"]
+            passes = f"{c['passes_per_step']:g}"
+            if abs(c["passes_per_step_measured"] - c["passes_per_step"]) \
+                    > 0.005 and c["method"] != "msam":
+                passes += f" ({c['passes_per_step_measured']:.3f})"
+            lines.append(
+                f"| {c['budget']} | {c['method']} | {passes} | "
+                f"{c['epochs']} | {c['training_seconds'][0]:.1f} | "
+                f"{percent(c['test_at_best_val'])} | "
+                f"{percent(c['test_final'])} | {diff[0]} | {diff[1]} | "
+                f"{seconds_text(t['median'])} ({t['reached']}/{t['seeds']})"
+                " |")
+        lines.append("")
+    p4 = results.get("point4", [])
+    if p4:
+        lines += [
+            f"### Point 4: at {100 * POINT4_NOISE:.0f}% noise, equal epochs, "
+            f"a method of at most {POINT4_MAX_PASSES} passes per step with "
+            f">= {POINT4_SHARE} x ASAM's gain?", "",
+            "Gain: mean paired difference to base over seeds +/- 95% "
+            "t-interval half-width, in points. A method qualifies when its "
+            f"gain is at least {POINT4_SHARE} x ASAM's and its interval "
+            "excludes zero; undetermined when ASAM's interval includes "
+            "zero.", "",
+            "| data | metric | ASAM gain | threshold | candidates: gain "
+            "(share of ASAM's) | answer |",
+            "|---|---|---|---|---|---|"]
+        for e in p4:
+            cands = "; ".join(
+                f"{c['method']} {percent(c['gain'], signed=True)} "
+                + (f"({100 * c['share_of_asam']:.0f}%)"
+                   if c["share_of_asam"] is not None else "")
+                + (" *" if c["qualifies"] else "")
+                for c in e["candidates"])
+            lines.append(
+                f"| {e['dataset']} | {e['metric']} | "
+                f"{percent(e['asam_gain'], signed=True)} | "
+                f"{100 * e['threshold']:+.2f} | {cands} | "
+                f"**{e['answer']}** |")
+        lines += ["", "`*`: qualifies.", ""]
+    load = meta.get("load_average_1min", {})
+    lines.append(
+        f"TensorFlow {meta['versions']['tensorflow']}, Keras "
+        f"{meta['versions']['keras']}, {meta['cpu_count']} CPU cores, commit "
+        f"{meta['git_commit'][:10]}{' (dirty)' if meta['git_dirty'] else ''}"
+        f"; seeds {meta['arguments']['seeds']}; equal-passes budget on "
+        f"{', '.join(meta['arguments']['passes_datasets']) or 'none'}; "
+        f"{meta['minutes']:.1f} minutes of wall time, "
+        f"{meta['cpu_minutes_in_runs']:.1f} CPU minutes in training runs; "
+        "1-minute load average "
+        f"{load.get('start', float('nan')):.1f} at the start, "
+        f"{load.get('end', float('nan')):.1f} at the end, "
+        f"{load.get('min_during', float('nan')):.1f}-"
+        f"{load.get('max_during', float('nan')):.1f} at the ends of runs.")
+    if meta.get("reduction"):
+        lines += ["", f"Reduced from the issue's plan: {meta['reduction']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    """The frontier: best-validation test accuracy against training
+    seconds, one panel per (data set, noise), one point per method and
+    budget."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = results["summary"]
+    panels = combos(results["runs"])
+    cols = 2 if len(panels) > 1 else 1
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False,
+                             figsize=(7.5 * cols, 5.5 * rows))
+    colors = dict(zip(METHODS, plt.get_cmap("tab20").colors[::2]
+                      + plt.get_cmap("tab20").colors[1::2]))
+    for ax, (dataset, noise) in zip(axes.flat, panels):
+        for method in METHODS:
+            points = [c for c in cells if (c["dataset"], c["noise"],
+                                           c["method"]) ==
+                      (dataset, noise, method)]
+            if not points:
+                continue
+            shared = len({c["epochs"] for c in points}) == 1
+            xs = [c["training_seconds"][0] for c in points]
+            ys = [100 * c["test_at_best_val"][0] for c in points]
+            if not shared:
+                ax.plot(xs, ys, color=colors[method], lw=0.8, alpha=0.6)
+            for c in points:
+                if shared and c["budget"] == "passes":
+                    continue
+                marker = "o" if c["budget"] == "epochs" else "s"
+                x, y = c["training_seconds"][0], 100 * c["test_at_best_val"][0]
+                ax.errorbar(x, y, yerr=100 * np.nan_to_num(
+                    c["test_at_best_val"][1]), xerr=np.nan_to_num(
+                    c["training_seconds"][1]), fmt=marker, ms=6,
+                    color=colors[method], capsize=2, lw=0.8)
+                tag = ("" if shared else " E" if c["budget"] == "epochs"
+                       else f" {c['epochs']}ep")
+                ax.annotate(SHORT[method] + tag, (x, y), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+        ax.set_title(f"{dataset}, {100 * noise:.0f}% label noise",
+                     fontsize=10)
+        ax.set_xlabel("training CPU seconds (mean over seeds)")
+        ax.set_ylabel("test accuracy at best-validation epoch (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color="gray", marker="o", ls="",
+                          label="equal epochs (E); two-pass methods: also "
+                                "equal passes"),
+               plt.Line2D([], [], color="gray", marker="s", ls="",
+                          label="equal passes (base's 2E epochs)")]
+    axes.flat[0].legend(handles=handles, fontsize=8, loc="best")
+    n = len(cells[0]["seeds"]) if cells else 0
+    fig.suptitle("What a budget buys: test accuracy against training CPU "
+                 f"time (mean; error bars: sample std over {n} seeds)",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+# -- bookkeeping ------------------------------------------------------------
+
+
+def metadata(args, minutes, runs, git):
+    meta = g.metadata(args, minutes, runs, git)
+    meta["script_committed"] = not _git("status", "--porcelain", "--",
+                                        os.path.relpath(__file__, ROOT))
+    meta["constants"].update(
+        budgets={"epochs": "E epochs for every method",
+                 "passes": "2E / (passes per step) epochs"},
+        equal_epochs=args.epochs, passes_per_step=PASSES,
+        methods={m: LABELS[m] for m in args.methods},
+        looksam_alpha=LOOKSAM_ALPHA, fsam_sigma=FSAM_SIGMA,
+        fsam_lmbda=FSAM_LMBDA, wsam_gamma=WSAM_GAMMA, wsam_decouple=True,
+        msam_rho=MSAM_RHO, msam_momentum=MSAM_MOMENTUM,
+        msam_adaptive=False, asam_seed=second_pass.DEFAULT_SEED,
+        jit_compile=args.jit_compile,
+        seconds=("process CPU seconds of the training loop (evaluation "
+                 "excluded), one thread per process; epoch 1 and epochs "
+                 f"above {SPIKE} x the median of epochs 2..N counted at "
+                 "that median"))
+    return meta
+
+
+def _git(*command):
+    try:
+        return subprocess.run(["git", *command], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except Exception:
+        return ""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: digits, 40%% noise, 2 seeds, 2 "
+                             "epochs, 5 methods, 512 pool examples, no XLA")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS,
+                        default=None, help="default: both")
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        default=None, help="default: all")
+    parser.add_argument("--noise-levels", nargs="+", type=float,
+                        default=None, help=f"default {NOISE_LEVELS}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help=f"default {SEEDS}")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"E, the equal-epochs budget (default "
+                             f"{EPOCHS})")
+    parser.add_argument("--budgets", nargs="+", choices=BUDGETS,
+                        default=BUDGETS)
+    parser.add_argument("--passes-datasets", nargs="*", default=None,
+                        help="data sets that get the equal-passes budget "
+                             "(default: all)")
+    parser.add_argument("--reduction", default="",
+                        help="what this run leaves out of the issue's plan, "
+                             "recorded in the JSON and tables")
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="use only the first N examples of the pool")
+    parser.add_argument("--no-jit", action="store_true",
+                        help="compile the steps without XLA")
+    parser.add_argument("--jobs", type=int, default=JOBS,
+                        help=f"processes, one CPU thread each (default "
+                             f"{JOBS})")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the runs in budget_partial_*.jsonl")
+    parser.add_argument("--output-dir", default=RESULTS_DIR)
+    parser.add_argument("--stem", default=None,
+                        help="output file name stem (default budget, "
+                             "budget_quick with --quick)")
+    parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--render", metavar="JSON",
+                        help="only redraw the tables and PNG of a results "
+                             "JSON next to it")
+    args = parser.parse_args(argv)
+    quick = QUICK if args.quick else {}
+    args.datasets = args.datasets or quick.get("datasets", DATASETS)
+    if "mnist1d" in args.datasets and not g.mnist1d_available():
+        parser.error("mnist1d is not installed: pip install mnist1d")
+    args.methods = sorted(args.methods or quick.get("methods", METHODS),
+                          key=_order(METHODS))
+    if "base" not in args.methods:
+        parser.error("base is needed: every difference is against it")
+    args.noise_levels = (args.noise_levels
+                         or quick.get("noise_levels", NOISE_LEVELS))
+    args.seeds = args.seeds or quick.get("seeds", SEEDS)
+    args.epochs = args.epochs or quick.get("epochs", EPOCHS)
+    args.max_train = args.max_train or quick.get("max_train")
+    args.jit_compile = (not args.no_jit) and quick.get("jit_compile", True)
+    if args.passes_datasets is None:
+        args.passes_datasets = list(args.datasets)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return
+    if args.render:
+        with open(args.render) as f:
+            results = json.load(f)
+        stem = os.path.splitext(args.render)[0]
+    else:
+        os.makedirs(args.output_dir, exist_ok=True)
+        stem = os.path.join(args.output_dir, args.stem or (
+            "budget_quick" if args.quick else "budget"))
+        tic, git, load = time.time(), g.git_state(), os.getloadavg()[0]
+        runs = experiment(args, stem)
+        minutes = (time.time() - tic) / 60
+        results = dict(meta=metadata(args, minutes, runs, git), runs=runs)
+        loads = [r["load_average_1min"] for r in runs]
+        results["meta"]["load_average_1min"] = dict(
+            start=load, end=os.getloadavg()[0], min_during=min(loads),
+            max_during=max(loads), mean_during=float(np.mean(loads)))
+        results["meta"]["reduction"] = args.reduction
+        results["summary"] = summary(runs)
+        results["point4"] = point4(results["summary"])
+        g.write_json(results, f"{stem}.json")
+        for path in glob.glob(f"{stem}_partial_*.jsonl"):
+            os.remove(path)
+    with open(f"{stem}.md", "w") as f:
+        f.write(markdown(results))
+    paths = [f"{stem}.md", *plot(results, f"{stem}_frontier.png")]
+    print()
+    print(markdown(results))
+    print("wrote", ", ".join(paths if args.render else [f"{stem}.json",
+                                                        *paths]))
+
+
+if __name__ == "__main__":
+    main()
