@@ -180,6 +180,16 @@ def method_kwargs(method):
     }[method]
 
 
+def apply_settings(settings):
+    """Sets LookSAM's alpha and Momentum-SAM's rho (`--looksam-alpha`,
+    `--msam-rho`; the issue's values by default), here and in a worker."""
+    global LOOKSAM_ALPHA, MSAM_RHO
+    LOOKSAM_ALPHA = settings.get("looksam_alpha", LOOKSAM_ALPHA)
+    MSAM_RHO = settings.get("msam_rho", MSAM_RHO)
+    LABELS["looksam5"] = f"LookSAM k 5 alpha {LOOKSAM_ALPHA}"
+    LABELS["msam"] = f"Momentum-SAM rho {MSAM_RHO}"
+
+
 def budget_epochs(method, budget, epochs):
     """Epochs of `method` under `budget` when equal epochs means `epochs`."""
     if budget == "epochs":
@@ -413,6 +423,10 @@ def assign(tasks, jobs):
     return [tasks for _, tasks in loads]
 
 
+def settings(args):
+    return dict(looksam_alpha=args.looksam_alpha, msam_rho=args.msam_rho)
+
+
 def experiment(args, stem):
     """Runs every task (but those `--resume` finds done) in `args.jobs`
     processes of one CPU thread each: this one and `args.jobs - 1` workers.
@@ -449,6 +463,7 @@ def experiment(args, stem):
             path = os.path.join(tmp, f"worker{i}.json")
             with open(path, "w") as f:
                 json.dump(dict(tasks=part, max_train=args.max_train,
+                               settings=settings(args),
                                jit_compile=args.jit_compile,
                                prefix=f"[{i}] ",
                                partial=f"{stem}_partial_{i}.jsonl"), f)
@@ -475,6 +490,7 @@ def worker(path):
     """`--worker PATH`: runs the tasks in PATH and writes the runs back."""
     with open(path) as f:
         job = json.load(f)
+    apply_settings(job["settings"])
     job["runs"] = run_tasks(job["tasks"], job["max_train"],
                             job["jit_compile"], job["prefix"],
                             job["partial"])
@@ -709,8 +725,12 @@ def markdown(results):
         f"{load.get('end', float('nan')):.1f} at the end, "
         f"{load.get('min_during', float('nan')):.1f}-"
         f"{load.get('max_during', float('nan')):.1f} at the ends of runs.")
-    if meta.get("reduction"):
-        lines += ["", f"Reduced from the issue's plan: {meta['reduction']}"]
+    constants = meta["constants"]
+    lines[-1] += (f" LookSAM alpha {constants['looksam_alpha']}, "
+                  f"Momentum-SAM rho {constants['msam_rho']}.")
+    note = meta.get("note") or meta.get("reduction")
+    if note:
+        lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
 
 
@@ -831,9 +851,15 @@ def parse_args(argv=None):
     parser.add_argument("--passes-datasets", nargs="*", default=None,
                         help="data sets that get the equal-passes budget "
                              "(default: all)")
-    parser.add_argument("--reduction", default="",
-                        help="what this run leaves out of the issue's plan, "
-                             "recorded in the JSON and tables")
+    parser.add_argument("--looksam-alpha", type=float, default=LOOKSAM_ALPHA,
+                        help=f"LookSAM's alpha (default {LOOKSAM_ALPHA}, "
+                             "the issue's)")
+    parser.add_argument("--msam-rho", type=float, default=MSAM_RHO,
+                        help=f"Momentum-SAM's rho (default {MSAM_RHO}, the "
+                             "paper's)")
+    parser.add_argument("--note", default="",
+                        help="what this run changes or leaves out of the "
+                             "issue's plan, recorded in the JSON and tables")
     parser.add_argument("--max-train", type=int, default=None,
                         help="use only the first N examples of the pool")
     parser.add_argument("--no-jit", action="store_true",
@@ -873,6 +899,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    apply_settings(settings(args))
     if args.worker:
         worker(args.worker)
         return
@@ -892,7 +919,7 @@ def main(argv=None):
         results["meta"]["load_average_1min"] = dict(
             start=load, end=os.getloadavg()[0], min_during=min(loads),
             max_during=max(loads), mean_during=float(np.mean(loads)))
-        results["meta"]["reduction"] = args.reduction
+        results["meta"]["note"] = args.note
         results["summary"] = summary(runs)
         results["point4"] = point4(results["summary"])
         g.write_json(results, f"{stem}.json")
