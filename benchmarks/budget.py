@@ -647,10 +647,71 @@ def budget_name(budget, epochs):
     return f"equal {budget} ({epochs} ep)"
 
 
+DATASET_NAMES = {"digits": "digits", "mnist1d": "MNIST-1D"}
+
+
+def cost_ratios(runs):
+    """(data set, method) -> mean over runs of the training seconds per
+    epoch, over base's mean."""
+    out = {}
+    for dataset in {r["dataset"] for r in runs}:
+        per_epoch = {}
+        for r in runs:
+            if r["dataset"] == dataset:
+                per_epoch.setdefault(r["method"], []).append(
+                    r["training_seconds"] / r["epochs"])
+        base = np.mean(per_epoch["base"])
+        for method, values in per_epoch.items():
+            out[dataset, method] = float(np.mean(values) / base)
+    return out
+
+
+def summary_table(results, metric="test_at_best_val", budget="passes"):
+    """The README's table: per method, its gain over base at `budget` in
+    every (data set, noise), base's own accuracy, and the measured CPU
+    seconds per epoch relative to base's."""
+    cells = results["summary"]
+    panels = combos(results["runs"])
+    datasets = sorted({d for d, _ in panels}, key=_order(DATASETS))
+    ratios = cost_ratios(results["runs"])
+    lines = [
+        "| method | passes/step | epochs | "
+        + " | ".join(f"{DATASET_NAMES[d]} {100 * n:.0f}%" for d, n in panels)
+        + " | CPU s/epoch vs base (" + ", ".join(
+            DATASET_NAMES[d] for d in datasets) + ") |",
+        "|---|---|---|" + "---|" * len(panels) + "---|"]
+    methods = sorted({c["method"] for c in cells}, key=_order(METHODS))
+    for method in methods:
+        found = [find_cell(cells, d, n, method, budget) for d, n in panels]
+        if any(c is None for c in found):
+            continue
+        entries = [
+            f"{100 * c[metric][0]:.1f}" if method == "base" else
+            "{:+.1f} +/- {:.1f}".format(
+                *(100 * v for v in c[f"{metric}_minus_base"]))
+            for c in found]
+        lines.append(
+            f"| {method} | {PASSES[method]:g} | {found[0]['epochs']} | "
+            + " | ".join(entries) + " | "
+            + ", ".join(f"{ratios[d, method]:.2f}" for d in datasets) + " |")
+    return lines
+
+
 def markdown(results):
     cells = results["summary"]
     meta = results["meta"]
     lines = []
+    for budget in BUDGETS:
+        if not any(c["budget"] == budget for c in cells):
+            continue
+        lines += [
+            f"### Summary: equal {budget}", "",
+            "Test accuracy % at the best-validation epoch: base's own; "
+            "the others' paired difference to base at the same budget, "
+            "mean +/- 95% t-interval half-width over seeds, in points. "
+            "CPU s/epoch vs base: measured training seconds per epoch "
+            "over base's, mean over all of the method's runs.", "",
+            *summary_table(results, budget=budget), ""]
     for dataset, noise in combos(results["runs"]):
         rows = [c for c in cells
                 if (c["dataset"], c["noise"]) == (dataset, noise)]
