@@ -27,7 +27,8 @@ parser.add_argument("--mesh", type=int, nargs=2, default=(2, 4),
                     metavar=("BATCH", "MODEL"),
                     help="mesh shape ('batch', 'model'); their product is "
                          "the number of devices")
-parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--steps", type=int, default=20,
+                    help="training steps of 64 examples (default: 20)")
 args = parser.parse_args()
 
 # Before JAX starts: the backend and the number of virtual devices.

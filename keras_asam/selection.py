@@ -105,10 +105,12 @@ def selected(perturb, model, variables):
     else:
         mask = [any(re.search(p, v.path) for p in perturb) for v in variables]
     if not any(mask):
+        paths = [v.path for v in variables]
+        shown = paths if len(paths) <= 8 else paths[:8] + ["..."]
+        received = list(perturb) if isinstance(perturb, tuple) else perturb
         raise ValueError(
             f"`perturb` selects none of the {len(variables)} trainable "
-            f"variables of model '{model.name}' (paths: "
-            f"{[v.path for v in variables][:8]}...). Received: "
-            f"perturb={perturb!r}"
+            f"variables of model '{model.name}' (paths: {shown}). "
+            f"Received: perturb={received!r}"
         )
     return mask
