@@ -452,9 +452,10 @@ def ratios(times):
     """Every ratio of `RATIO_TABLES`; `None` where a variant is missing."""
     result = {}
     for name, numerator, denominator in sum(RATIO_TABLES, []):
-        if numerator is None:  # looksam5_ideal/base
+        if numerator is None:  # looksam5_ideal/base, beside looksam5
             base, floor = times.get("base"), times.get("floor")
-            result[name] = (None if base is None or floor is None else
+            result[name] = (None if base is None or floor is None
+                            or times.get("looksam5") is None else
                             (floor + (LOOKSAM_EVERY - 1) * base)
                             / (LOOKSAM_EVERY * base))
             continue
