@@ -30,6 +30,8 @@ without momentum (the optimizer holds no slots):
   msam         SAMModel(rho=3, variant=MomentumSAM(0.9)): one pass per step
                at w + eps, from its buffer v (1 P of state); compared with
                the plain step (`over base`), since it has no second pass
+  fsam_skip, wsam_skip  fsam and wsam with non_finite_step="skip" (no
+               clean-gradient fallback: what the fallback holds)
 
 (fsam, wsam and msam need `keras_asam.variants`; a version of the library
 without them reports them as skipped.)
@@ -110,7 +112,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "sam_skip",
             "asam_skip", "gsam", "looksam", "gsam_skip", "looksam_skip",
-            "fsam", "wsam", "msam"]
+            "fsam", "wsam", "msam", "fsam_skip", "wsam_skip"]
 MODES = ["tf", "rss", "rss_pool"]
 GSAM_ALPHA = 0.3
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.5, 5
@@ -119,7 +121,8 @@ WSAM_GAMMA = 0.9
 MSAM_RHO, MSAM_MOMENTUM = 3.0, 0.9
 # The class in `keras_asam.variants` each of these variants needs.
 VARIANT_CLASSES = {"fsam": "FriendlySAM", "wsam": "WSAM",
-                   "msam": "MomentumSAM"}
+                   "msam": "MomentumSAM", "fsam_skip": "FriendlySAM",
+                   "wsam_skip": "WSAM"}
 DEFAULT_LAYERS = [256, 2048, 4096, 4096, 1024]
 QUICK_LAYERS = [64, 512, 1024, 1024, 256]
 # What each variant may hold over the floor, in P (10% slack): the saved
@@ -129,7 +132,8 @@ QUICK_LAYERS = [64, 512, 1024, 1024, 256]
 ALLOWED_OVER_FLOOR = {"sam": 1.1, "asam": 1.1, "asam_filter": 1.1,
                       "sam_skip": 1.1, "asam_skip": 1.1,
                       "gsam": 2.1, "looksam": 3.1, "gsam_skip": 2.1,
-                      "looksam_skip": 3.1, "fsam": 2.1, "wsam": 2.1}
+                      "looksam_skip": 3.1, "fsam": 2.1, "wsam": 2.1,
+                      "fsam_skip": 2.1, "wsam_skip": 2.1}
 # Variants with one pass per step: what they may hold over the base step.
 ALLOWED_OVER_BASE = {"msam": 2.1}
 QUANTITIES = ["state", "step", "kept", "first"]
@@ -266,6 +270,12 @@ def child(config):
             inner, variant=variant_class(sigma=FSAM_SIGMA, lmbda=FSAM_LMBDA)),
         "wsam": lambda: keras_asam.ASAMModel(
             inner, variant=variant_class(WSAM_GAMMA)),
+        "fsam_skip": lambda: keras_asam.ASAMModel(
+            inner, variant=variant_class(sigma=FSAM_SIGMA, lmbda=FSAM_LMBDA),
+            non_finite_step="skip"),
+        "wsam_skip": lambda: keras_asam.ASAMModel(
+            inner, variant=variant_class(WSAM_GAMMA),
+            non_finite_step="skip"),
         # The optimizer as for the others (no slots): `over base` is then
         # what Momentum-SAM itself holds.
         "msam": lambda: keras_asam.SAMModel(
