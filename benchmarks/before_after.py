@@ -278,15 +278,18 @@ def run_memory(args):
                 if v not in memory.VARIANT_CLASSES
                 and (not args.memory_variants or v in args.memory_variants)]
     libraries = {"before": args.before, "after": args.after or ROOT}
+    layers = args.memory_layers or memory.QUICK_LAYERS
+    jits = {"off": [False], "on": [True],
+            "both": [False, True]}[args.memory_jit]
     runs = {version: [] for version in VERSIONS}
     start = time.perf_counter()
     loads = [os.getloadavg()[0]]
     for repeat in range(args.memory_repeats):
-        for variant in variants:
+        for jit, variant in [(j, v) for j in jits for v in variants]:
             order = VERSIONS if repeat % 2 == 0 else VERSIONS[::-1]
             for version in order:
-                config = {"variant": variant, "jit": False, "mode": "tf",
-                          "layers": memory.QUICK_LAYERS,
+                config = {"variant": variant, "jit": jit, "mode": "tf",
+                          "layers": layers,
                           "batch_size": 32,
                           "warmup_steps": memory.LOOKSAM_EVERY,
                           "steps": memory.LOOKSAM_EVERY, "setup": None,
@@ -294,17 +297,18 @@ def run_memory(args):
                 raw = memory.run_child(config)
                 assert os.path.samefile(raw["library"], libraries[version])
                 runs[version].append({
-                    "variant": variant, "jit": False, "mode": "tf",
+                    "variant": variant, "jit": jit, "mode": "tf",
                     "repeat": repeat,
                     "quantities": memory.quantities(raw, "tf"), "raw": raw})
                 unit = 4.0 * raw["params"]
                 q = runs[version][-1]["quantities"]
-                print(f"memory repeat {repeat} {variant} {version}: step "
+                print(f"memory repeat {repeat} XLA {'on' if jit else 'off'} "
+                      f"{variant} {version}: step "
                       f"{q['step'] / unit:.2f} P", flush=True)
         loads.append(os.getloadavg()[0])
     summary = {version: memory.summarize(runs[version], variants)
-               ["no_xla/tf"] for version in VERSIONS}
-    return {"variants": variants, "layers": memory.QUICK_LAYERS,
+               for version in VERSIONS}
+    return {"variants": variants, "layers": layers,
             "repeats": args.memory_repeats, "summary": summary,
             "runs": runs, "params": runs["after"][0]["raw"]["params"],
             "load_average": [min(loads), max(loads)],
@@ -317,25 +321,9 @@ def _r(value):
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def render(report):
+def _render_steps(report):
+    """The step-time tables of `render`."""
     lines = []
-    src = report["source"]
-    end = str(report.get("source_at_end", src)["after"]["commit"])
-    lines.append(
-        f"Before: {str(src['before']['commit'])[:7]} (as the package "
-        f"`keras_asam_before`), after: {str(src['after']['commit'])[:7]}"
-        + (" with uncommitted library files "
-           + ", ".join(src["after"]["uncommitted"])
-           if src["after"]["uncommitted"] else "")
-        + (f" (at the end of the run {end[:7]}: the later version moved "
-           "during the run"
-           + ("; each backend's line says what it imported"
-              if any("source" in b for b in report["backends"].values())
-              else "") + ")"
-           if end and end != src["after"]["commit"] else "")
-        + "; one process per backend, both versions interleaved in every "
-        "round.")
-    lines.append("")
     lines += ["Step time, after/before: median over rounds of the per-round "
               "ratio, wall / process CPU time; in brackets the "
               "interquartile range of the per-round wall ratios. `asam_aa "
@@ -425,27 +413,59 @@ def render(report):
             f"{b['wall_seconds'] / 60:.1f} minutes, 1-minute load average "
             f"{min(loads):.1f}-{max(loads):.1f}.")
     lines.append("")
+    return lines
+
+
+def render(report):
+    lines = []
+    src = report["source"]
+    end = str(report.get("source_at_end", src)["after"]["commit"])
+    lines.append(
+        f"Before: {str(src['before']['commit'])[:7]} (as the package "
+        f"`keras_asam_before`), after: {str(src['after']['commit'])[:7]}"
+        + (" with uncommitted library files "
+           + ", ".join(src["after"]["uncommitted"])
+           if src["after"]["uncommitted"] else "")
+        + (f" (at the end of the run {end[:7]}: the later version moved "
+           "during the run"
+           + ("; each backend's line says what it imported"
+              if any("source" in b for b in report["backends"].values())
+              else "") + ")"
+           if end and end != src["after"]["commit"] else "")
+        + "; one process per backend, both versions interleaved in every "
+        "round.")
+    lines.append("")
+    if any("results" in b for b in report["backends"].values()):
+        lines += _render_steps(report)
     if report.get("memory"):
         m = report["memory"]
-        lines += [
-            "Memory (`memory.py`'s children, before and after alternately, "
-            f"MLP {'-'.join(map(str, m['layers']))}-10, "
-            f"{m['params']:,} parameters, live tensors from TensorFlow's "
-            f"allocator counters, no XLA, min over {m['repeats']} "
-            "repeats), in P:", "",
-            "| variant | footprint before | after | after - before | over "
-            "floor before | after |", "|---|---|---|---|---|---|"]
-        for variant in m["variants"]:
-            before = m["summary"]["before"].get(variant)
-            after = m["summary"]["after"].get(variant)
-            if before is None or after is None:
-                continue
-            lines.append(
-                f"| {variant} | {before['footprint']:.2f} | "
-                f"{after['footprint']:.2f} | "
-                f"{after['footprint'] - before['footprint']:+.2f} | "
-                f"{_p(before['over_floor'])} | {_p(after['over_floor'])} |")
-        lines += ["", f"Memory: {m['wall_seconds'] / 60:.1f} minutes, "
+        summaries = m["summary"]
+        if "before" in summaries and "base" in summaries["before"]:
+            # Written before XLA settings were options: no XLA only.
+            summaries = {v: {"no_xla/tf": s} for v, s in summaries.items()}
+        for key in summaries["after"]:
+            lines += [
+                "Memory (`memory.py`'s children, before and after "
+                f"alternately, MLP {'-'.join(map(str, m['layers']))}-10, "
+                f"{m['params']:,} parameters, live tensors from "
+                "TensorFlow's allocator counters, "
+                + ("with" if key.startswith("xla") else "no") + " XLA, "
+                f"min over {m['repeats']} repeats), in P:", "",
+                "| variant | footprint before | after | after - before | "
+                "over floor before | after |", "|---|---|---|---|---|---|"]
+            for variant in m["variants"]:
+                before = summaries["before"].get(key, {}).get(variant)
+                after = summaries["after"][key].get(variant)
+                if before is None or after is None:
+                    continue
+                lines.append(
+                    f"| {variant} | {before['footprint']:.2f} | "
+                    f"{after['footprint']:.2f} | "
+                    f"{after['footprint'] - before['footprint']:+.2f} | "
+                    f"{_p(before['over_floor'])} | "
+                    f"{_p(after['over_floor'])} |")
+            lines.append("")
+        lines += [f"Memory: {m['wall_seconds'] / 60:.1f} minutes, "
                   f"1-minute load average {m['load_average'][0]:.1f}-"
                   f"{m['load_average'][1]:.1f}.", ""]
     lines.append(
@@ -469,8 +489,9 @@ def main(argv=None):
                              "repository's working tree); pin one, e.g. "
                              "`git worktree add /tmp/after HEAD`, if the "
                              "working tree may change during the run")
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS,
-                        default=BACKENDS)
+    parser.add_argument("--backends", nargs="*", choices=BACKENDS,
+                        default=BACKENDS,
+                        help="step time on these (none: memory only)")
     parser.add_argument("--architectures", nargs="+", default=["cnn", "mlp"])
     parser.add_argument("--jit", choices=["auto", "off", "on", "both"],
                         default="auto",
@@ -489,6 +510,11 @@ def main(argv=None):
                         help="without the A/A control (a second later ASAM)")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--memory-repeats", type=int, default=2)
+    parser.add_argument("--memory-layers", type=int, nargs="+", default=None,
+                        help="the MLP of the memory children (default: "
+                             "memory.py --quick's)")
+    parser.add_argument("--memory-jit", choices=["off", "on", "both"],
+                        default="off")
     parser.add_argument("--memory-variants", nargs="+", default=None,
                         help="default: every variant of memory.py that both "
                              "versions have")
