@@ -138,12 +138,12 @@ def run_backend(args):
         # What this process imports (a working tree may move during a run).
         imported = source(args.before, args.after)
         import keras
+        import keras_asam_before
         import numpy as np
+        import step_time
         import tensorflow as tf
 
         import keras_asam
-        import keras_asam_before
-        import step_time
 
         assert keras_asam_before.__file__.startswith(temporary)
         assert os.path.samefile(
