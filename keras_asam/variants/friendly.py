@@ -64,10 +64,11 @@ class FriendlySAM(Variant):
     def ascent(self, gradients, state, ctx):
         first = ops.equal(ctx.step, 0)
         removed = ops.where(first, 0.0, self.sigma * ctx.loss_scale)
+        factor = ctx.ascent_replica_factor
         return [
             None if g is None
-            else ops.cast(g, "float32") * ctx.ascent_replica_factor
-            - removed * m
+            else (ops.cast(g, "float32") if factor == 1
+                  else ops.cast(g, "float32") * factor) - removed * m
             for g, m in zip(gradients, state["momentum"])
         ]
 
