@@ -84,7 +84,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 # Before TensorFlow is imported: hide its C++ info and warning lines.
@@ -449,39 +448,17 @@ def experiment(args, stem):
     print(f"{len(tasks)} runs ({len(done)} done before), "
           f"{sum(t['epochs'] for t in todo)} epochs to train; "
           f"{args.jobs} job(s)", flush=True)
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1",
-               TF_NUM_INTEROP_THREADS="1")
     own, *parts = assign(todo, args.jobs)
-    runs = list(done)
-    with tempfile.TemporaryDirectory() as tmp:
-        workers = []
-        for i, part in enumerate(parts, start=1):
-            if not part:
-                continue
-            path = os.path.join(tmp, f"worker{i}.json")
-            with open(path, "w") as f:
-                json.dump(dict(tasks=part, max_train=args.max_train,
-                               settings=settings(args),
-                               jit_compile=args.jit_compile,
-                               prefix=f"[{i}] ",
-                               partial=f"{stem}_partial_{i}.jsonl"), f)
-            workers.append((path, subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--worker", path],
-                env=env, cwd=ROOT)))
-        try:
-            runs += run_tasks(own, args.max_train, args.jit_compile,
-                              prefix="[0] ",
-                              partial=f"{stem}_partial_0.jsonl")
-        finally:
-            for path, process in workers:
-                if process.wait() != 0:
-                    raise RuntimeError(f"worker {path} failed with exit "
-                                       f"code {process.returncode}")
-        for path, _ in workers:
-            with open(path) as f:
-                runs += json.load(f)["runs"]
+    runs = list(done) + g.run_with_workers(
+        __file__, parts,
+        lambda i, part: dict(tasks=part, max_train=args.max_train,
+                             settings=settings(args),
+                             jit_compile=args.jit_compile,
+                             prefix=f"[{i}] ",
+                             partial=f"{stem}_partial_{i}.jsonl"),
+        lambda: run_tasks(own, args.max_train, args.jit_compile,
+                          prefix="[0] ",
+                          partial=f"{stem}_partial_0.jsonl"))
     order = {run_key(t): i for i, t in enumerate(tasks)}
     return sorted(runs, key=lambda r: order[run_key(r)])
 

@@ -490,28 +490,44 @@ def experiment(args):
         return run_tasks(tasks, epochs, args.max_train, args.jit_compile)
     # Small models train faster side by side on one core each than one after
     # the other on all cores: at this size TensorFlow's threads mostly wait
-    # for each other. The thread counts must be set before TensorFlow runs
-    # its first operation.
+    # for each other.
+    own, *parts = assign(tasks, args.jobs)
+    runs = run_with_workers(
+        __file__, parts,
+        lambda i, part: dict(tasks=part, epochs=epochs,
+                             max_train=args.max_train,
+                             jit_compile=args.jit_compile,
+                             prefix=f"[{i}] "),
+        lambda: run_tasks(own, epochs, args.max_train, args.jit_compile,
+                          prefix="[0] "))
+    order = {run_key(t): i for i, t in enumerate(tasks)}
+    return sorted(runs, key=lambda r: order[run_key(r)])
+
+
+def run_with_workers(script, parts, job, run_own):
+    """Runs each non-empty `parts[i - 1]` in a worker process of `script`
+    (`script --worker PATH`, PATH holding `job(i, part)`, the worker writing
+    its runs back under "runs") while `run_own()` runs here, one thread
+    each; returns `run_own()`'s runs followed by the workers'."""
+    # The thread counts must be set before TensorFlow runs its first
+    # operation.
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1",
                TF_NUM_INTEROP_THREADS="1")
-    own, *parts = assign(tasks, args.jobs)
     with tempfile.TemporaryDirectory() as tmp:
         workers = []
         for i, part in enumerate(parts, start=1):
+            if not part:
+                continue
             path = os.path.join(tmp, f"worker{i}.json")
             with open(path, "w") as f:
-                json.dump(dict(tasks=part, epochs=epochs,
-                               max_train=args.max_train,
-                               jit_compile=args.jit_compile,
-                               prefix=f"[{i}] "), f)
+                json.dump(job(i, part), f)
             workers.append((path, subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--worker", path],
+                [sys.executable, os.path.abspath(script), "--worker", path],
                 env=env, cwd=ROOT)))
         try:
-            runs = run_tasks(own, epochs, args.max_train, args.jit_compile,
-                             prefix="[0] ")
+            runs = run_own()
         finally:
             for path, process in workers:
                 if process.wait() != 0:
@@ -520,8 +536,7 @@ def experiment(args):
         for path, _ in workers:
             with open(path) as f:
                 runs += json.load(f)["runs"]
-    order = {run_key(t): i for i, t in enumerate(tasks)}
-    return sorted(runs, key=lambda r: order[run_key(r)])
+    return runs
 
 
 def run_key(run):
