@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_asam import backend, options, second_pass, validation, variants
 from keras_asam.variants import base as variant_base
+from keras_asam.variants import contract
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -163,7 +164,7 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         model = _model_from_arguments(args, kwargs, type(self).__name__)
         super().__init__(**kwargs)
         self.options = checked
-        self.variant = variant
+        self._variant = variant
         self._rho_schedule = None if isinstance(rho, float) else rho
         self.wrapped_model = model
         self._rho = self.add_weight(
@@ -202,6 +203,23 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             self._create_own_state()
 
     # -- hyperparameters -------------------------------------------------
+
+    @property
+    def variant(self):
+        """The `keras_asam.variants.Variant` the step runs, or `None` (plain
+        ASAM/SAM). Fixed when the model is made: its state is created for
+        it and the step traced with it."""
+        return self._variant
+
+    @variant.setter
+    def variant(self, value):
+        raise AttributeError(
+            "`variant` is fixed when the model is made (its state and step "
+            "are built for it). To train on with another variant, make a "
+            "new model around the same network, e.g. "
+            "`keras_asam.ASAMModel(model.wrapped_model, variant=...)`. "
+            f"Received: variant={value!r}"
+        )
 
     @property
     def rho(self):
@@ -540,6 +558,7 @@ def _check_variant(variant, checked):
     each part of a split batch."""
     if variant is None:
         return
+    contract.check_attributes(variant)
     variant.validate(checked)
     if checked.num_batch_splits > 1 and (
         not variant.clean_pass

@@ -45,6 +45,7 @@ from keras import ops
 
 from keras_asam import second_pass, selection
 from keras_asam.perturbation import is_bias, perturbation
+from keras_asam.variants import contract
 from keras_asam.variants.base import StepContext, Variant, overrides
 
 PLAIN = Variant()  # ASAM/SAM: ascend along g, descend along g_adv.
@@ -200,12 +201,17 @@ class SharedStep:
         `sync_perturbation`), as the variant changes it; its stored state
         alone on a step without a clean pass."""
         variant = self._active_variant
+        count = len(self.trainable_variables)
         if not variant.clean_pass:
-            return variant.pre_pass(self._state_values(), ctx)
+            return contract.directions(
+                variant, "pre_pass",
+                variant.pre_pass(self._state_values(), ctx), count)
         if self.sync_perturbation:
             gradients = self._all_reduce_sum(gradients)
         if overrides(variant, "ascent"):
-            return variant.ascent(gradients, self._state_values(), ctx)
+            return contract.directions(
+                variant, "ascent",
+                variant.ascent(gradients, self._state_values(), ctx), count)
         return gradients
 
     def _eps(self, gradients, values, rho):
@@ -256,15 +262,25 @@ class SharedStep:
             if run is not False:
                 adversarial = self._all_reduce_sum(adversarial)
         state = self._state_values()
+        count = len(self.trainable_variables)
+
+        def descent():
+            return contract.step_result(
+                variant, "descent",
+                variant.descent(gradients, adversarial, state, ctx), count)
+
+        def off_step():
+            return contract.step_result(
+                variant, "off_step",
+                variant.off_step(gradients, state, ctx), count)
+
         if run is True:
-            direction, updates = variant.descent(
-                gradients, adversarial, state, ctx)
+            direction, updates = descent()
         elif run is False:
-            direction, updates = variant.off_step(gradients, state, ctx)
+            direction, updates = off_step()
         else:
-            on, on_updates = variant.descent(
-                gradients, adversarial, state, ctx)
-            off, off_updates = variant.off_step(gradients, state, ctx)
+            on, on_updates = descent()
+            off, off_updates = off_step()
             direction = [_select(run, a, b) for a, b in zip(on, off)]
             updates = {
                 name: [_select(run, on_updates.get(name, values)[i],
@@ -332,10 +348,10 @@ class SharedStep:
                                 iterations_before)
         if ctx.second_pass is not True:
             applied = ops.logical_and(applied, ctx.second_pass)
-        return variant.after_apply(
+        return contract.corrections(variant, variant.after_apply(
             gradients, adversarial, self._state_values(),
             ctx.replace(update_applied=applied),
-        )
+        ), len(self.trainable_variables))
 
     def _optimizer_iterations(self):
         """The optimizer's count of applied updates (a copy: not a view of

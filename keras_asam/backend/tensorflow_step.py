@@ -344,8 +344,7 @@ class TensorFlowTrainStep(SharedStep):
         no device read per step)."""
         if self.train_function is not None and not force:
             return self.train_function
-        if self.variant is not None:
-            self.variant.check_optimizer(self.optimizer)
+        self._check_before_training()
         if self.steps_per_execution != 1 or not (
             self._has_step_schedule() or self._rho_schedule is None
         ):

@@ -237,9 +237,24 @@ def deserialize(config, custom_objects=None):
     if config is None or isinstance(config, Variant):
         return config
     if isinstance(config, dict):
-        variant = keras.saving.deserialize_keras_object(
-            config, custom_objects=custom_objects
-        )
+        try:
+            variant = keras.saving.deserialize_keras_object(
+                config, custom_objects=custom_objects
+            )
+        except TypeError as error:
+            # Not a TypeError: Keras wraps those of `from_config` in a
+            # message that prints the whole model's config first.
+            name = config.get("registered_name") or config.get("class_name")
+            raise ValueError(
+                f"The variant class `{name}` (module "
+                f"`{config.get('module')}`) cannot be rebuilt: register it "
+                "before loading, with "
+                "`@keras.saving.register_keras_serializable(package=...)` "
+                "on its class in a module you import, or pass "
+                f"`custom_objects={{\"{name}\": YourClass}}`; give it "
+                "`get_config()` returning its `__init__` arguments. "
+                f"Keras said: {str(error)[:500]}"
+            ) from error
         if isinstance(variant, Variant):
             return variant
     raise ValueError(

@@ -1,5 +1,7 @@
 """Momentum-SAM: perturb along the momentum, one pass per step."""
 
+import warnings
+
 import keras
 from keras import ops
 
@@ -73,6 +75,30 @@ class MomentumSAM(Variant):
                 f"{options.asam_every}, asam_probability="
                 f"{options.asam_probability}"
             )
+
+    def check_optimizer(self, optimizer):
+        """Warns where the optimizer is not the one the method is made for:
+        SGD with momentum equal to this variant's (v is then the
+        optimizer's own velocity, up to its sign)."""
+        inner = optimizer
+        while isinstance(inner, keras.optimizers.LossScaleOptimizer):
+            inner = inner.inner_optimizer
+        if not isinstance(inner, keras.optimizers.SGD):
+            warnings.warn(
+                f"{self!r} perturbs along an SGD-style momentum of the "
+                f"gradients; with {type(inner).__name__} that buffer is not "
+                "the optimizer's own direction, a setting the method was "
+                "not made or tested for. Use "
+                f"`keras.optimizers.SGD(momentum={self.momentum})`.",
+                stacklevel=2)
+        elif float(inner.momentum) != self.momentum:
+            warnings.warn(
+                f"{self!r} keeps a momentum of {self.momentum} while the "
+                f"optimizer's is {float(inner.momentum)}: the perturbation "
+                "then follows another direction than the update's. Match "
+                f"them: `SGD(momentum={self.momentum})` or "
+                f"`MomentumSAM(momentum={float(inner.momentum)})`.",
+                stacklevel=2)
 
     def pre_pass(self, state, ctx):
         return [-v for v in state["velocity"]]
