@@ -190,8 +190,10 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         # The variant's state, created once the trainable variables exist
         # (`_create_own_state`).
         self._variant_store = (
-            _DirectionStore(name="variant_state")
-            if variant is not None and variant.state_names else None
+            _DirectionStore(name="variant_state",
+                            seed=variant_seed(variant, checked))
+            if variant is not None
+            and (variant.state_names or variant.uses_seed) else None
         )
         # Kept out of `self.metrics`, so `evaluate` logs exactly what a plain
         # model logs; `train_step` adds it to the training logs.
@@ -307,6 +309,12 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
     def _variant_variables(self):
         store = self._variant_store
         return [] if store is None else list(store.variables)
+
+    def _variant_seed_generator(self):
+        """The `keras.random.SeedGenerator` of a variant that draws random
+        numbers (`uses_seed`), else `None`."""
+        store = self._variant_store
+        return None if store is None else store.seed_generator
 
     def _create_own_state(self):
         """Creates the variant's state once the trainable variables
@@ -433,8 +441,10 @@ class _DirectionStore(keras.layers.Layer):
     LookSAM's direction.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, seed=None, **kwargs):
         super().__init__(trainable=False, **kwargs)
+        self._seed = seed
+        self.seed_generator = None
 
     def create(self, names, weights):
         distribution = keras.distribution.distribution()
@@ -447,11 +457,22 @@ class _DirectionStore(keras.layers.Layer):
                     dtype="float32", trainable=False, autocast=False,
                     name=f"{name}_{i}", layout=layout,
                 ))
+        if self._seed is not None:
+            # Kept out of Keras' tracking of seed generators, whose state
+            # `.keras` files and checkpoints leave out: its state is one of
+            # this layer's variables (saved, last), read and written by the
+            # step like the buffers.
+            generator = keras.random.SeedGenerator(
+                seed=self._seed, name="variant_seed")
+            object.__setattr__(self, "seed_generator", generator)
+            self._track_variable(generator.state)
         self.built = True
 
     def by_name(self, names):
         """name -> the variables of that name, in the weights' order."""
         variables = self.variables
+        if self.seed_generator is not None:
+            variables = variables[:-1]
         count = len(variables) // max(len(names), 1)
         return {name: variables[k * count:(k + 1) * count]
                 for k, name in enumerate(names)}
@@ -571,6 +592,16 @@ def _check_variant(variant, checked):
             f"variant={variant!r}, num_batch_splits="
             f"{checked.num_batch_splits}"
         )
+
+
+def variant_seed(variant, checked):
+    """The seed of the generator a variant that draws random numbers gets
+    (`None` for one that does not): its own `seed` attribute when it has
+    one, else the model's `asam_seed` plus one."""
+    if variant is None or not variant.uses_seed:
+        return None
+    seed = getattr(variant, "seed", None)
+    return checked.asam_seed + 1 if seed is None else seed
 
 
 def _alpha_if(variant, cls):

@@ -80,6 +80,11 @@ class SharedStep:
     def _optimizer_scope(self):
         return contextlib.nullcontext()
 
+    def _hook_scope(self):
+        """A scope around the variant's hooks in which the seed generator's
+        state reads and writes the step's value (JAX's stateless step)."""
+        return contextlib.nullcontext()
+
     # -- the model's variables ----------------------------------------------
 
     def _symbolic_build(self, *args, **kwargs):
@@ -171,6 +176,7 @@ class SharedStep:
                 1 if self.sync_perturbation else replicas),
             second_pass=run, loss=None, adversarial_loss=None,
             update_applied=None, all_reduce_sum=self._all_reduce_sum,
+            seed_generator=self._variant_seed_generator(),
         )
 
     def _has_step_schedule(self):
@@ -203,15 +209,16 @@ class SharedStep:
         variant = self._active_variant
         count = len(self.trainable_variables)
         if not variant.clean_pass:
-            return contract.directions(
-                variant, "pre_pass",
-                variant.pre_pass(self._state_values(), ctx), count)
+            with self._hook_scope():
+                direction = variant.pre_pass(self._state_values(), ctx)
+            return contract.directions(variant, "pre_pass", direction, count)
         if self.sync_perturbation:
             gradients = self._all_reduce_sum(gradients)
         if overrides(variant, "ascent"):
-            return contract.directions(
-                variant, "ascent",
-                variant.ascent(gradients, self._state_values(), ctx), count)
+            with self._hook_scope():
+                direction = variant.ascent(gradients, self._state_values(),
+                                           ctx)
+            return contract.directions(variant, "ascent", direction, count)
         return gradients
 
     def _eps(self, gradients, values, rho):
@@ -265,14 +272,14 @@ class SharedStep:
         count = len(self.trainable_variables)
 
         def descent():
-            return contract.step_result(
-                variant, "descent",
-                variant.descent(gradients, adversarial, state, ctx), count)
+            with self._hook_scope():
+                result = variant.descent(gradients, adversarial, state, ctx)
+            return contract.step_result(variant, "descent", result, count)
 
         def off_step():
-            return contract.step_result(
-                variant, "off_step",
-                variant.off_step(gradients, state, ctx), count)
+            with self._hook_scope():
+                result = variant.off_step(gradients, state, ctx)
+            return contract.step_result(variant, "off_step", result, count)
 
         if run is True:
             direction, updates = descent()
@@ -348,10 +355,12 @@ class SharedStep:
                                 iterations_before)
         if ctx.second_pass is not True:
             applied = ops.logical_and(applied, ctx.second_pass)
-        return contract.corrections(variant, variant.after_apply(
-            gradients, adversarial, self._state_values(),
-            ctx.replace(update_applied=applied),
-        ), len(self.trainable_variables))
+        with self._hook_scope():
+            deltas = variant.after_apply(
+                gradients, adversarial, self._state_values(),
+                ctx.replace(update_applied=applied))
+        return contract.corrections(variant, deltas,
+                                    len(self.trainable_variables))
 
     def _optimizer_iterations(self):
         """The optimizer's count of applied updates (a copy: not a view of

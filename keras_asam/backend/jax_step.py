@@ -24,6 +24,7 @@ the (global) batch is cut into n parts, sizes as in `numpy.array_split`
 and static at trace time; parts of equal size go through one `lax.scan`.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -85,7 +86,8 @@ class JaxTrainStep(SharedStep):
                             self._passes, trainable,
                             self._ascent(gradients, ctx), gradients,
                             list(non_trainable), values.lists[3], rho, batch))
-            values.lists[1] = list(non_trainable)
+            values.lists[1] = self._passes_state(values.lists[1],
+                                                 non_trainable)
             ctx = ctx.replace(loss=loss, adversarial_loss=adversarial_loss)
             self._update(gradients, adversarial, ctx)
             self._count_step()
@@ -104,6 +106,14 @@ class JaxTrainStep(SharedStep):
         return {id(v): (k, i) for k, group in enumerate(groups)
                 for i, v in enumerate(group)}
 
+    def _passes_state(self, current, passed):
+        """The non-trainable values after the passes: theirs, but for
+        ASAM's own state, which the passes carry unchanged and the hooks
+        may have written meanwhile (the seed generator's state)."""
+        own = {id(v) for v in self._own_state()}
+        return [old if id(v) in own else new for v, old, new in zip(
+            self.non_trainable_variables, current, passed)]
+
     def _read(self, variable):
         values = self.__dict__.get("_values")
         if values is None or id(variable) not in values.where:
@@ -117,6 +127,18 @@ class JaxTrainStep(SharedStep):
             return variable.assign(value)
         k, i = values.where[id(variable)]
         values.lists[k][i] = jnp.asarray(value, values.lists[k][i].dtype)
+
+    @contextlib.contextmanager
+    def _hook_scope(self):
+        generator = self._variant_seed_generator()
+        if generator is None or self.__dict__.get("_values") is None:
+            yield
+            return
+        state = generator.state
+        with keras.StatelessScope(
+                state_mapping=[(state, self._read(state))]) as scope:
+            yield
+        self._write(state, scope.get_current_value(state))
 
     def _optimizer_scope(self):
         return keras.StatelessScope(state_mapping=[

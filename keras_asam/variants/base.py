@@ -74,6 +74,9 @@ class StepContext:
             `LossScaleOptimizer` or `non_finite_step="skip"` skipped it).
         all_reduce_sum: Function of a list of tensors (entries may be
             `None`): their sums over replicas (the identity with one).
+        seed_generator: The model's `keras.random.SeedGenerator` for a
+            variant with `uses_seed = True`, else `None`. Under a
+            `tf.distribute` strategy every replica draws the same numbers.
     """
 
     def __init__(self, **values):
@@ -100,6 +103,16 @@ class Variant:
             state before any gradient (`pre_pass`) and takes one pass per
             step, at w + eps: that pass's loss, metrics and BatchNorm
             updates are the step's.
+        uses_seed: Boolean. `True` for a variant whose hooks draw random
+            numbers: the model then keeps a `keras.random.SeedGenerator`
+            for it, passed as `ctx.seed_generator` (draw with
+            `keras.random.normal(shape, seed=ctx.seed_generator)`). Its
+            state is saved with the model and advances with every draw,
+            also inside JAX's jitted step. Seeded from the variant's `seed`
+            attribute if it has one, else from the model's `asam_seed`.
+            A generator made by the variant itself would not be part of
+            the model's state (the same numbers every step under JAX's
+            jit).
 
     Example: descend along a mix of the clean and adversarial gradients.
 
@@ -123,6 +136,7 @@ class Variant:
 
     state_names = ()
     clean_pass = True
+    uses_seed = False
 
     def synced(self, options):
         """Whether the hooks see g and g_adv summed over replicas (see the

@@ -26,6 +26,11 @@ def check_attributes(variant):
             f"{name}.state_names has a name more than once. Received: "
             f"state_names={names!r}"
         )
+    if not isinstance(variant.uses_seed, bool):
+        raise TypeError(
+            f"{name}.uses_seed must be `True` or `False`. Received: "
+            f"uses_seed={variant.uses_seed!r}"
+        )
     if not isinstance(variant.clean_pass, bool):
         raise TypeError(
             f"{name}.clean_pass must be `True` or `False`. Received: "
