@@ -30,6 +30,7 @@ import keras
 from keras import ops
 
 from keras_asam import validation
+from keras_asam.backend import is_tensorflow, tf
 from keras_asam.perturbation import is_bias, perturbation
 
 __all__ = ["perturbed", "perturbed_values"]
@@ -97,7 +98,6 @@ def perturbed_values(
     Example:
 
     ```python
-    import tensorflow as tf
     from keras_asam.custom_loop import perturbed_values
 
     w = [tf.constant([1.0, -2.0]), tf.constant([0.5])]
@@ -214,7 +214,6 @@ def perturbed(
     ```python
     import keras
     import numpy as np
-    import tensorflow as tf
     from keras_asam.custom_loop import perturbed
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
@@ -292,25 +291,17 @@ def _checked_rho(rho):
     return validation.check_rho(rho)
 
 
-def _is_tensorflow():
-    return keras.backend.backend() == "tensorflow"
-
-
 def _as_tensor(value):
     """`value` as a tensor of the backend (`tf.convert_to_tensor` on
     TensorFlow)."""
-    if _is_tensorflow():
-        import tensorflow as tf
-
+    if is_tensorflow():
         return tf.convert_to_tensor(value)
     return ops.convert_to_tensor(value)
 
 
 def _copy(variable):
     """A copy of a variable's current value (`tf.identity` on TensorFlow)."""
-    if _is_tensorflow():
-        import tensorflow as tf
-
+    if is_tensorflow():
         return tf.identity(variable)
     return ops.copy(ops.convert_to_tensor(variable))
 

@@ -8,17 +8,7 @@ into the gradient of the global-batch mean loss.
 """
 
 
-class _LazyTensorFlow:
-    """`tensorflow`, imported on first use: importing this module on the JAX
-    or PyTorch backend does not import TensorFlow."""
-
-    def __getattr__(self, name):
-        import tensorflow
-
-        return getattr(tensorflow, name)
-
-
-tf = _LazyTensorFlow()
+from keras_asam.backend import tf
 
 
 def num_replicas():

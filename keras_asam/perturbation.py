@@ -22,8 +22,9 @@ References:
 
 import math
 
-import keras
 from keras import ops
+
+from keras_asam.backend import is_tensorflow, tf
 
 NORMALIZATIONS = ("elementwise", "filterwise")
 NORM_EPSILON = 1e-16  # Added to ||T_w g||, as in the official ASAM code.
@@ -76,24 +77,16 @@ def normalizer(weight, *, eta=0.01, normalization="elementwise"):
     return ops.abs(weight) + eta
 
 
-def _is_tensorflow():
-    return keras.backend.backend() == "tensorflow"
-
-
 def _add_n(terms):
     """The sum of a list of tensors (`tf.add_n` on TensorFlow)."""
-    if _is_tensorflow():
-        import tensorflow as tf
-
+    if is_tensorflow():
         return tf.add_n(terms)
     return sum(terms[1:], terms[0])
 
 
 def _squared_norm(x):
     """``sum(x ** 2)`` (as ``2 * tf.nn.l2_loss(x)`` on TensorFlow)."""
-    if _is_tensorflow():
-        import tensorflow as tf
-
+    if is_tensorflow():
         return 2.0 * tf.nn.l2_loss(x)
     return ops.sum(ops.square(x))
 
@@ -204,9 +197,7 @@ def _multiply_no_nan(x, factor):
     """``x * factor``, and exactly 0 where ``factor == 0`` even if `x` holds
     inf or NaN (one elementwise op on TensorFlow, with no conditional whose
     branches hold weight-sized buffers)."""
-    if _is_tensorflow():
-        import tensorflow as tf
-
+    if is_tensorflow():
         return tf.math.multiply_no_nan(x, factor)
     return ops.where(factor == 0, ops.zeros((), x.dtype), x * factor)
 

@@ -18,6 +18,8 @@ References:
       https://arxiv.org/abs/2203.09962)
 """
 
+from keras_asam.backend import tf
+
 DEFAULT_SEED = 1337
 
 
@@ -35,8 +37,6 @@ def uniform_draw(seed, iterations):
     Returns:
         float64 scalar tensor.
     """
-    import tensorflow as tf
-
     def u64(value):
         return tf.constant(value, tf.uint64)
 
@@ -90,8 +90,6 @@ def perturb_this_step(iterations, *, every=1, probability=1.0,
     Returns:
         Boolean scalar tensor.
     """
-    import tensorflow as tf
-
     iterations = tf.cast(iterations, tf.int64)
     run = tf.equal(iterations % every, 0)
     if probability < 1.0:

@@ -21,6 +21,25 @@ import keras
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
+class _LazyTensorFlow:
+    """`tensorflow`, imported on first use: importing keras_asam on the JAX
+    or PyTorch backend does not import TensorFlow."""
+
+    def __getattr__(self, name):
+        import tensorflow
+
+        return getattr(tensorflow, name)
+
+
+tf = _LazyTensorFlow()
+
+
+def is_tensorflow():
+    """Whether Keras runs on TensorFlow (checked per call: the backend is
+    read when Keras is imported, never from this module)."""
+    return keras.backend.backend() == "tensorflow"
+
+
 def train_step_bases():
     """The mixins that give `ASAMModel` its `train_step` on this backend."""
     name = keras.backend.backend()
