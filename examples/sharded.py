@@ -9,11 +9,14 @@ momentum) sharded like its weight, and its norms and dot products run over
 all shards. The script trains the same model on one device and sharded,
 and prints how far apart they end and what each device holds.
 
-Here the 8 devices are virtual CPU devices; on a host with 8 GPUs or TPU
-cores leave out `--cpu-devices` and the same code shards across them.
+By default the 8 devices are virtual CPU devices (`--cpu-devices 8`); on a
+host with GPUs or TPU cores pass `--cpu-devices 0` and the same code shards
+across the real devices. The mesh's two sizes must multiply to the number
+of devices; the script checks that before training.
 
     python examples/sharded.py                 # about 20 s on 2 CPU cores
     python examples/sharded.py --mesh 1 8      # all 8 devices on 'model'
+    python examples/sharded.py --cpu-devices 0 --mesh 1 4   # 4 real GPUs
 """
 
 import argparse
@@ -21,8 +24,8 @@ import os
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--cpu-devices", type=int, default=8,
-                    help="virtual CPU devices to create (0: use the real "
-                         "devices)")
+                    help="virtual CPU devices to create (default: 8; 0: "
+                         "use the real devices, e.g. GPUs)")
 parser.add_argument("--mesh", type=int, nargs=2, default=(2, 4),
                     metavar=("BATCH", "MODEL"),
                     help="mesh shape ('batch', 'model'); their product is "
@@ -30,6 +33,10 @@ parser.add_argument("--mesh", type=int, nargs=2, default=(2, 4),
 parser.add_argument("--steps", type=int, default=20,
                     help="training steps of 64 examples (default: 20)")
 args = parser.parse_args()
+if args.cpu_devices < 0:
+    parser.error(f"--cpu-devices must be >= 0. Received: {args.cpu_devices}")
+if min(args.mesh) < 1:
+    parser.error(f"--mesh sizes must be >= 1. Received: {args.mesh}")
 
 # Before JAX starts: the backend and the number of virtual devices.
 os.environ["KERAS_BACKEND"] = "jax"
@@ -71,12 +78,22 @@ def train():
     return model, history.history["loss"][-1]
 
 
+# The mesh must cover the devices exactly: checked before any training.
+devices = keras.distribution.list_devices()
+if args.mesh[0] * args.mesh[1] != len(devices):
+    parser.error(
+        f"--mesh {args.mesh[0]} {args.mesh[1]} has "
+        f"{args.mesh[0] * args.mesh[1]} places, but there are "
+        f"{len(devices)} devices ({', '.join(devices[:4])}"
+        f"{', ...' if len(devices) > 4 else ''}): give sizes whose product "
+        f"is {len(devices)}, or another --cpu-devices")
+
 # One device: the reference.
 single, single_loss = train()
 
 # The mesh and which axis of each kernel is split over 'model'.
 mesh = keras.distribution.DeviceMesh(
-    tuple(args.mesh), ["batch", "model"], keras.distribution.list_devices())
+    tuple(args.mesh), ["batch", "model"], devices)
 layout_map = keras.distribution.LayoutMap(mesh)
 layout_map["up/kernel"] = (None, "model")        # by columns
 layout_map["middle/kernel"] = ("model", None)    # by rows

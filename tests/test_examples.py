@@ -306,6 +306,17 @@ def test_sharded_example():
     assert "262,144 of 1,048,576" in kernel, out
 
 
+def test_sharded_example_refuses_a_mesh_that_does_not_cover_the_devices():
+    # Before any training: an argparse error (exit 2) naming both counts.
+    done = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "sharded.py"), "--mesh", "2",
+         "2"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, XLA_FLAGS=""))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--mesh 2 2 has 4 places, but there are 8 devices" in done.stderr
+    assert "one device" not in done.stdout
+
+
 def test_multiworker_launcher():
     out = _run("multiworker.py", "--workers", "2", timeout=300)
     finals = [line.split(": ", 1)[1] for line in out.splitlines()
