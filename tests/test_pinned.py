@@ -83,13 +83,14 @@ def assert_bitwise(actual, expected, name):
                                       err_msg=key)
 
 
-def _runs(backend, tmp_path_factory, extra):
-    """Today's code and the pinned commit's on `backend`, plus `extra`
-    runs of today's code ({label: (arguments, environment)}), two
-    processes at a time."""
+def _runs(backend, tmp_path_factory, extra, arguments=()):
+    """Today's code and the pinned commit's on `backend` (with `arguments`
+    for `pinned_cases.py`), plus `extra` runs of today's code ({label:
+    (arguments, environment)}), two processes at a time."""
     folder = tmp_path_factory.mktemp(f"pinned_{backend}")
     source = reference_code.extract(folder / "reference")
     files = ["--keras-files"] if backend == "tensorflow" else []
+    files += list(arguments)
     jobs = {"today": (files, {}, None), "reference": (files, {}, source)}
     jobs.update({label: (args, env, None)
                  for label, (args, env) in extra.items()})
@@ -145,6 +146,24 @@ def test_tensorflow_trajectory_equals_the_pinned_commits(tensorflow_runs,
                    if not k.startswith("graph_")))
 def test_jax_trajectory_equals_the_pinned_commits(jax_runs, name):
     _check_same_machine(jax_runs, name)
+
+
+# PyTorch: eager (Keras compiles torch steps with torch.compile under
+# jit_compile=True, which the xla_ cases would measure instead).
+TORCH_CASES = sorted(k for k in pinned_cases.CASES
+                     if not k.startswith(("graph_", "xla_")))
+
+
+@pytest.fixture(scope="module")
+def torch_runs(tmp_path_factory):
+    pytest.importorskip("torch")
+    return _runs("torch", tmp_path_factory, {}, ["--cases", *TORCH_CASES])
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", TORCH_CASES)
+def test_torch_trajectory_equals_the_pinned_commits(torch_runs, name):
+    _check_same_machine(torch_runs, name)
 
 
 FIXTURE_CASES = sorted({k.split("/")[0] for k in _fixture("tensorflow")})
