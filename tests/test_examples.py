@@ -306,6 +306,7 @@ def test_sharded_example():
     assert "262,144 of 1,048,576" in kernel, out
 
 
+@pytest.mark.slow
 def test_sharded_example_refuses_a_mesh_that_does_not_cover_the_devices():
     # Before any training: an argparse error (exit 2) naming both counts.
     done = subprocess.run(
@@ -317,6 +318,7 @@ def test_sharded_example_refuses_a_mesh_that_does_not_cover_the_devices():
     assert "one device" not in done.stdout
 
 
+@pytest.mark.slow
 def test_multiworker_launcher():
     out = _run("multiworker.py", "--workers", "2", timeout=300)
     finals = [line.split(": ", 1)[1] for line in out.splitlines()
@@ -416,6 +418,7 @@ def test_cifar_recipe_on_synthetic_data(tmp_path):
     assert output.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_scripts_take_help():
     for script in SCRIPTS:
         out = _run(script, "--help")

@@ -24,6 +24,7 @@ if __name__ == "__main__":
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 import keras_asam  # noqa: E402
 
@@ -133,6 +134,7 @@ def test_generator_state_is_saved_and_restored(tmp_path):
                               keras.ops.convert_to_numpy(generator.state))
 
 
+@pytest.mark.slow
 def test_noise_is_new_at_every_step_under_jax_jit():
     done = subprocess.run(
         [sys.executable, os.path.abspath(__file__)],
