@@ -47,7 +47,9 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
     In modes 1 and 2 the underlying model is `wrapped_model`.
 
     Args:
-        model: Optional `keras.Model` to wrap (positional).
+        *args: `(inputs, outputs)` to build a functional model, or a
+            `keras.Model` to wrap (also as the keyword `model=`); nothing
+            when subclassing.
         rho: Float >= 0, or a `keras.optimizers.schedules.LearningRateSchedule`
             evaluated every step at the optimizer's learning-rate counter
             (see `keras_asam.schedules`). Radius of the neighbourhood; 0

@@ -211,7 +211,12 @@ def project(eps, weights, *, rho, scaled=None, adaptive=True, eta=0.01,
     Args:
         eps: List of tensors (or `None`).
         weights: List of tensors, the values of w the ball is centred on.
-        rho, scaled, adaptive, eta, normalization, p: As in `perturbation`.
+        rho: As in `perturbation`.
+        scaled: As in `perturbation`.
+        adaptive: As in `perturbation`.
+        eta: As in `perturbation`.
+        normalization: As in `perturbation`.
+        p: As in `perturbation`.
 
     Returns:
         List of float32 tensors (or `None`), aligned with `eps`.
