@@ -17,6 +17,27 @@ from keras_asam.variants import base as variant_base
 from keras_asam.variants import contract
 
 
+class _Option:
+    """A read-only view of one field of `model.options` (`model.eta` reads
+    `model.options.eta`)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+        self.__doc__ = f"The `{name}` option (see `ASAMModel`); read-only."
+
+    def __get__(self, model, owner=None):
+        if model is None:
+            return self
+        return getattr(model.options, self.name)
+
+    def __set__(self, model, value):
+        raise AttributeError(
+            f"`{self.name}` is fixed when the model is made (its step is "
+            f"traced with it). Make a new model with `{self.name}=...`. "
+            f"Received: {self.name}={value!r}"
+        )
+
+
 @keras.saving.register_keras_serializable(package="keras_asam")
 class ASAMModel(*backend.train_step_bases(), keras.Model):
     """A `keras.Model` whose `fit` trains with Adaptive Sharpness-Aware
@@ -207,6 +228,20 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             self._create_own_state()
 
     # -- hyperparameters -------------------------------------------------
+
+    # Read-only views of `self.options`, the checked record the step reads.
+    eta = _Option()
+    adaptive = _Option()
+    normalization = _Option()
+    p = _Option()
+    num_batch_splits = _Option()
+    perturb = _Option()
+    sync_perturbation = _Option()
+    keep_perturbed_state = _Option()
+    non_finite_step = _Option()
+    asam_every = _Option()
+    asam_probability = _Option()
+    asam_seed = _Option()
 
     @property
     def variant(self):
@@ -608,16 +643,3 @@ def variant_seed(variant, checked):
 
 def _alpha_if(variant, cls):
     return variant.alpha if isinstance(variant, cls) else 0.0
-
-
-def _option_property(name):
-    def read(self):
-        return getattr(self.options, name)
-
-    read.__name__ = name
-    read.__doc__ = f"The `{name}` option (see `ASAMModel`)."
-    return property(read)
-
-
-for _name in options.NAMES:
-    setattr(ASAMModel, _name, _option_property(_name))

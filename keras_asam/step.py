@@ -46,7 +46,12 @@ from keras import ops
 from keras_asam import second_pass, selection
 from keras_asam.perturbation import is_bias, perturbation
 from keras_asam.variants import contract
-from keras_asam.variants.base import StepContext, Variant, overrides
+from keras_asam.variants.base import (
+    StepContext,
+    Variant,
+    overrides,
+    reads_clean_gradient,
+)
 
 PLAIN = Variant()  # ASAM/SAM: ascend along g, descend along g_adv.
 
@@ -173,7 +178,7 @@ class SharedStep:
             step=self._read(self._train_steps), loss_scale=loss_scale,
             learning_rate=learning_rate, num_replicas=replicas,
             ascent_replica_factor=(
-                1 if self.sync_perturbation else replicas),
+                1 if self.options.sync_perturbation else replicas),
             second_pass=run, loss=None, adversarial_loss=None,
             update_applied=None, all_reduce_sum=self._all_reduce_sum,
             seed_generator=self._variant_seed_generator(),
@@ -189,7 +194,7 @@ class SharedStep:
         steps itself."""
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             return None
-        return self.non_finite_step
+        return self.options.non_finite_step
 
     def _takes_clean_pass(self, run):
         """Whether the step starts with the clean pass (all but a variant's
@@ -200,7 +205,7 @@ class SharedStep:
 
     def _perturbed_mask(self, variables):
         """Which of `variables` the ascent moves (`perturb=`)."""
-        return selection.selected(self.perturb, self, variables)
+        return selection.selected(self.options.perturb, self, variables)
 
     def _ascent(self, gradients, ctx):
         """The direction eps is built from: g (all-reduced with
@@ -212,7 +217,7 @@ class SharedStep:
             with self._hook_scope():
                 direction = variant.pre_pass(self._state_values(), ctx)
             return contract.directions(variant, "pre_pass", direction, count)
-        if self.sync_perturbation:
+        if self.options.sync_perturbation:
             gradients = self._all_reduce_sum(gradients)
         if overrides(variant, "ascent"):
             with self._hook_scope():
@@ -231,10 +236,10 @@ class SharedStep:
             values,
             rho=rho,
             scaled=[not is_bias(v.path) for v in variables],
-            adaptive=self.adaptive,
-            eta=self.eta,
-            normalization=self.normalization,
-            p=self.p,
+            adaptive=self.options.adaptive,
+            eta=self.options.eta,
+            normalization=self.options.normalization,
+            p=self.options.p,
             fused=bool(self.jit_compile),
         )
 
@@ -243,6 +248,13 @@ class SharedStep:
     def _falls_back_to_clean(self):
         """Whether g_adv is replaced by g where L(w + eps) is not finite."""
         return self._non_finite_step() == "clean_gradient"
+
+    def _clean_gradient_unread(self):
+        """Whether nothing reads g after the perturbed pass but the
+        fallback to it (which may then recompute g instead of keeping it):
+        the default fallback, and a variant whose hooks do not read g."""
+        return (self._falls_back_to_clean()
+                and not reads_clean_gradient(self._active_variant))
 
     def _finite_or_clean(self, adversarial, gradients, adversarial_loss):
         """g_adv, or g where L(w + eps) is not finite (a select), with
@@ -420,8 +432,9 @@ class SharedStep:
         if self._rho_schedule is None and self._rho_on_host == 0:
             return False
         return second_pass.perturb_on_host(
-            step, every=self.asam_every,
-            probability=self.asam_probability, seed=self.asam_seed,
+            step, every=self.options.asam_every,
+            probability=self.options.asam_probability,
+            seed=self.options.asam_seed,
         )
 
     def _host_choice(self, read_train_steps, read_rho, advance=True):
@@ -454,11 +467,11 @@ class SharedStep:
             where = (" per replica"
                      if keras.backend.backend() == "tensorflow" else "")
             warnings.warn(
-                f"`num_batch_splits={self.num_batch_splits}` with "
+                f"`num_batch_splits={self.options.num_batch_splits}` with "
                 "BatchNormalization layers: every part of the batch is "
                 "normalized with its own statistics and updates the moving "
                 "statistics once; a part of one example (batches smaller "
-                f"than {2 * self.num_batch_splits}{where}) has zero "
+                f"than {2 * self.options.num_batch_splits}{where}) has zero "
                 "batch variance and leaves them unchanged. Prefer parts of "
                 "at least 16 examples, or LayerNormalization/"
                 "GroupNormalization for per-example (1-SAM) ascent.",

@@ -6,8 +6,9 @@ with one combination of options and records the weights, the non-trainable
 state (BatchNorm statistics, the variants' stored state), the optimizer's
 variables and the logs. `tests/test_pinned.py` compares today's code with
 the pinned commit's (`tests/reference_code.py`) on the machine that runs
-it, and with `tests/fixtures/trajectories_<backend>.npz`, what keras_asam
-0.1.0 computed on another machine.
+it, bitwise; `tests/test_cross_cpu.py` with
+`tests/fixtures/trajectories_<backend>.npz`, what keras_asam 0.1.0 computed
+on another machine, within a tolerance.
 
 Run as a script to write the measurements of one backend as a `.npz` file
 (with `--keras-files`, on TensorFlow, also those of the `.keras` files of

@@ -63,7 +63,7 @@ class JaxTrainStep(SharedStep):
             trainable, non_trainable = values.lists[0], values.lists[1]
             rho = self._rho_this_step()
             ctx = self._context(rho, run)  # The model is built here.
-            if run and self.num_batch_splits > 1:
+            if run and self.options.num_batch_splits > 1:
                 (loss, y_pred, non_trainable, gradients, adversarial,
                  adversarial_loss) = self._split_passes(
                     self._passes, trainable, non_trainable,
@@ -185,7 +185,7 @@ class JaxTrainStep(SharedStep):
         float_state = {id(v) for v in self._float_state()}
         non_trainable = [
             clean if (id(v) in float_state
-                      and not self.keep_perturbed_state) else after
+                      and not self.options.keep_perturbed_state) else after
             for v, clean, after in zip(
                 self.non_trainable_variables, non_trainable,
                 perturbed_non_trainable,
@@ -235,7 +235,7 @@ class JaxTrainStep(SharedStep):
             jnp.zeros((), jnp.float32),
         )
         predictions = []
-        for start, count, size in _groups(batch, self.num_batch_splits):
+        for start, count, size in _groups(batch, self.options.num_batch_splits):
             body = functools.partial(
                 self._part_body, passes, trainable, metrics_variables, rho,
                 size, size / batch)

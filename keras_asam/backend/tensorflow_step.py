@@ -42,7 +42,7 @@ class TensorFlowTrainStep(SharedStep):
                 eps, lambda: self._loss_and_gradients(x, y, sample_weight),
                 state=[])
             gradients, adversarial_loss = None, loss
-        elif self.num_batch_splits > 1 and run is not False:
+        elif self.options.num_batch_splits > 1 and run is not False:
             y_pred, loss, gradients, adversarial, adversarial_loss = (
                 self._split_passes(x, y, sample_weight, rho, run)
             )
@@ -121,9 +121,9 @@ class TensorFlowTrainStep(SharedStep):
             if self._has_step_schedule():
                 conditions.append(second_pass.perturb_this_step(
                     self._train_steps.value,
-                    every=self.asam_every,
-                    probability=self.asam_probability,
-                    seed=self.asam_seed,
+                    every=self.options.asam_every,
+                    probability=self.options.asam_probability,
+                    seed=self.options.asam_seed,
                 ))
         if (choice is None or self.rho_schedule is not None) and (
             conditions or not self.jit_compile
@@ -160,8 +160,8 @@ class TensorFlowTrainStep(SharedStep):
         _, adversarial_loss, adversarial = self._at(
             eps, lambda: self._loss_and_gradients(x, y, sample_weight),
             self._state_to_restore())
-        if (self._falls_back_to_clean() and not self.jit_compile
-                and self.variant is None and self.num_batch_splits == 1):
+        if (self._clean_gradient_unread() and not self.jit_compile
+                and self.options.num_batch_splits == 1):
             # Nothing else needs g after pass 2: the fallback recomputes it
             # in a conditional instead of keeping it alive through pass 2
             # (under XLA a select fuses into the update instead).
@@ -187,16 +187,16 @@ class TensorFlowTrainStep(SharedStep):
         batch from them, and the size-weighted means of g_s,
         grad L_s(w + eps_s) and L_s(w + eps_s) - L_s(w) + loss.
         """
-        if self.sync_perturbation and self._num_replicas() > 1:
+        if self.options.sync_perturbation and self._num_replicas() > 1:
             raise ValueError(
                 "`num_batch_splits` > 1 with `sync_perturbation=True` under "
                 "a distribution strategy is not supported: each part must "
                 "perturb with its own gradient. Received: num_batch_splits="
-                f"{self.num_batch_splits}, sync_perturbation=True"
+                f"{self.options.num_batch_splits}, sync_perturbation=True"
             )
         batch = tf.shape(next(t for t in tf.nest.flatten(x)
                               if t is not None))[0]
-        parts = tf.minimum(tf.constant(self.num_batch_splits), batch)
+        parts = tf.minimum(tf.constant(self.options.num_batch_splits), batch)
         quotient, remainder = batch // parts, batch % parts
         self._warn_about_batchnorm()
         metric_state = [v for m in self.metrics for v in m.variables]
@@ -308,7 +308,7 @@ class TensorFlowTrainStep(SharedStep):
         as random seed generators advances normally.
         """
         state = [v for m in self.metrics for v in m.variables]
-        if not self.keep_perturbed_state:
+        if not self.options.keep_perturbed_state:
             state += self._float_state()
         unique = {id(v): v for v in state}
         return list(unique.values())
@@ -321,19 +321,19 @@ class TensorFlowTrainStep(SharedStep):
     # are static when the step is traced, and it stays jitted.)
 
     def _resolve_auto_jit_compile(self):
-        if self.num_batch_splits > 1:
+        if self.options.num_batch_splits > 1:
             return False
         return super()._resolve_auto_jit_compile()
 
     @keras.Model.jit_compile.setter
     def jit_compile(self, value):
-        if value and self.num_batch_splits > 1:
+        if value and self.options.num_batch_splits > 1:
             raise ValueError(
                 "`num_batch_splits` > 1 does not compile with XLA on "
                 "TensorFlow: the parts' sizes are not static. Use "
                 "`jit_compile=False`. "
                 "Received: jit_compile=True, num_batch_splits="
-                f"{self.num_batch_splits}"
+                f"{self.options.num_batch_splits}"
             )
         keras.Model.jit_compile.fset(self, value)
 

@@ -29,7 +29,7 @@ class TorchTrainStep(SharedStep):
         with torch.no_grad():
             rho = self._rho_this_step()
             ctx = self._context(rho, run)  # The model is built here.
-        if run and self.num_batch_splits > 1:
+        if run and self.options.num_batch_splits > 1:
             y_pred, loss, gradients, adversarial, adversarial_loss = (
                 self._split_passes(x, y, sample_weight, rho)
             )
@@ -116,7 +116,7 @@ class TorchTrainStep(SharedStep):
         """Pass 2 at w + eps, eps along `ascent`; returns g_adv (g where
         L(w + eps) is not finite, by default) and L(w + eps)."""
         state = [v for m in self.metrics for v in m.variables]
-        if not self.keep_perturbed_state:
+        if not self.options.keep_perturbed_state:
             state += self._float_state()
         state = list({id(v): v for v in state}.values())
         with torch.no_grad():
@@ -153,7 +153,7 @@ class TorchTrainStep(SharedStep):
             t for t in keras.tree.flatten(x) if t is not None
         ).shape[0]
         parts = np.array_split(np.arange(batch),
-                               min(self.num_batch_splits, batch))
+                               min(self.options.num_batch_splits, batch))
         metric_state = [v for m in self.metrics for v in m.variables]
         float_state = self._float_state()
         with torch.no_grad():

@@ -103,6 +103,13 @@ class Variant:
             state before any gradient (`pre_pass`) and takes one pass per
             step, at w + eps: that pass's loss, metrics and BatchNorm
             updates are the step's.
+        reads_clean_gradient: Whether `descent`, `off_step` or
+            `after_apply` read g after the perturbed pass. `None` (the
+            default): whether the class overrides one of them. A variant
+            that overrides them without reading g declares `False`: the
+            step then need not keep g in memory through the perturbed pass
+            (it recomputes g in the rare step whose L(w + eps) is not
+            finite).
         uses_seed: Boolean. `True` for a variant whose hooks draw random
             numbers: the model then keeps a `keras.random.SeedGenerator`
             for it, passed as `ctx.seed_generator` (draw with
@@ -137,6 +144,7 @@ class Variant:
     state_names = ()
     clean_pass = True
     uses_seed = False
+    reads_clean_gradient = None
 
     def synced(self, options):
         """Whether the hooks see g and g_adv summed over replicas (see the
@@ -237,6 +245,17 @@ def dot(a, b):
 def overrides(variant, hook):
     """Whether `variant`'s class overrides the hook named `hook`."""
     return getattr(type(variant), hook) is not getattr(Variant, hook)
+
+
+def reads_clean_gradient(variant):
+    """Whether `variant`'s hooks read g after the perturbed pass (its
+    `reads_clean_gradient`, or whether it overrides a hook that gets g
+    then)."""
+    declared = variant.reads_clean_gradient
+    if declared is not None:
+        return bool(declared)
+    return any(overrides(variant, hook)
+               for hook in ("descent", "off_step", "after_apply"))
 
 
 def serialize(variant):

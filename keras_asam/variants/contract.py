@@ -26,6 +26,12 @@ def check_attributes(variant):
             f"{name}.state_names has a name more than once. Received: "
             f"state_names={names!r}"
         )
+    if variant.reads_clean_gradient not in (None, True, False):
+        raise TypeError(
+            f"{name}.reads_clean_gradient must be `None`, `True` or "
+            f"`False`. Received: "
+            f"reads_clean_gradient={variant.reads_clean_gradient!r}"
+        )
     if not isinstance(variant.uses_seed, bool):
         raise TypeError(
             f"{name}.uses_seed must be `True` or `False`. Received: "

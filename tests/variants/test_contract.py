@@ -158,3 +158,45 @@ def test_momentum_sam_with_matching_sgd_does_not_warn():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*MomentumSAM.*")
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+class Halved(Variant):
+    """Descends along g_adv / 2 without reading g."""
+
+    reads_clean_gradient = False
+
+    def descent(self, gradients, adversarial, state, ctx):
+        return [None if ga is None else 0.5 * ga for ga in adversarial], {}
+
+
+def test_reads_clean_gradient_is_inferred_or_declared():
+    from keras_asam.variants.base import reads_clean_gradient
+
+    assert not reads_clean_gradient(Variant())
+    assert reads_clean_gradient(Short())  # overrides descent
+    assert not reads_clean_gradient(Halved())  # declared
+    assert reads_clean_gradient(keras_asam.variants.GSAM())
+    assert not reads_clean_gradient(ShortAscent())  # ascent only
+
+
+def test_variant_that_does_not_read_g_falls_back_to_the_recomputed_g():
+    # L(w + eps) overflows at rho 1e30: the step recomputes g (it was not
+    # kept) and the descent halves it: w - lr * g / 2, against NumPy.
+    x, y = data()
+    model = keras_asam.SAMModel(network(), rho=1e30, variant=Halved())
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    w = [v.numpy().astype("float64") for v in model.trainable_variables]
+    model.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0,
+              shuffle=False)
+    k1, b1, k2, b2 = w
+    xs, ys = x[:8].astype("float64"), y[:8].astype("float64")
+    h = np.tanh(xs @ k1 + b1)
+    pred = h @ k2 + b2
+    d_pred = 2 * (pred - ys) / pred.size
+    g_k2, g_b2 = h.T @ d_pred, d_pred.sum(0)
+    d_h = d_pred @ k2.T * (1 - h ** 2)
+    g_k1, g_b1 = xs.T @ d_h, d_h.sum(0)
+    for v, w0, g in zip(model.trainable_variables, w,
+                        [g_k1, g_b1, g_k2, g_b2]):
+        np.testing.assert_allclose(v.numpy(), w0 - 0.1 * 0.5 * g,
+                                   rtol=1e-5, atol=1e-6)
