@@ -1,6 +1,7 @@
-"""The descent directions of GSAM and LookSAM, as 0.1.0 exposed them.
+"""The descent directions of GSAM and LookSAM under their earlier names
+(`keras_asam.compat`).
 
-They now live with their variants, `keras_asam.variants.gsam` and
+They live with their variants, `keras_asam.variants.gsam` and
 `keras_asam.variants.looksam`; the names stay importable from here.
 """
 

@@ -12,7 +12,14 @@ import absl.logging
 import keras
 import numpy as np
 
-from keras_asam import backend, options, second_pass, validation, variants
+from keras_asam import (
+    backend,
+    compat,
+    options,
+    second_pass,
+    validation,
+    variants,
+)
 from keras_asam.variants import base as variant_base
 from keras_asam.variants import contract
 
@@ -98,9 +105,9 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             ascent direction, the descent direction, the steps without the
             perturbed pass, or the update (see `keras_asam.variants`).
         gsam_alpha: Float. Shortcut for `variant=GSAM(gsam_alpha)` when
-            > 0 (kept from 0.1.0).
+            > 0 (`keras_asam.compat`).
         looksam_alpha: Float. Shortcut for `variant=LookSAM(looksam_alpha)`
-            when > 0 (kept from 0.1.0).
+            when > 0 (`keras_asam.compat`).
         sync_perturbation: Boolean. Under `tf.distribute`, if `True` the first
             gradient is summed over replicas so that every replica perturbs
             with the global-batch gradient (the single-device step). If
@@ -180,8 +187,10 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             non_finite_step=non_finite_step, asam_every=asam_every,
             asam_probability=asam_probability, asam_seed=asam_seed,
         )
-        variant = _variant_from_arguments(variant, gsam_alpha, looksam_alpha,
-                                          kwargs.pop("custom_objects", None))
+        variant = compat.variant_from_shortcuts(
+            variant_base.deserialize(variant,
+                                     kwargs.pop("custom_objects", None)),
+            gsam_alpha, looksam_alpha)
         _check_variant(variant, checked)
         backend.check_backend()
         model = _model_from_arguments(args, kwargs, type(self).__name__)
@@ -308,14 +317,15 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
 
     @property
     def gsam_alpha(self):
-        """GSAM's alpha if the variant is `GSAM`, else 0 (0.1.0's name)."""
-        return _alpha_if(self.variant, variants.GSAM)
+        """GSAM's alpha if the variant is `GSAM`, else 0
+        (`keras_asam.compat`)."""
+        return compat.alpha_of(self.variant, variants.GSAM)
 
     @property
     def looksam_alpha(self):
-        """LookSAM's alpha if the variant is `LookSAM`, else 0 (0.1.0's
-        name)."""
-        return _alpha_if(self.variant, variants.LookSAM)
+        """LookSAM's alpha if the variant is `LookSAM`, else 0
+        (`keras_asam.compat`)."""
+        return compat.alpha_of(self.variant, variants.LookSAM)
 
     def _learning_rate_counter(self):
         """The counter at which the optimizer evaluates its learning-rate
@@ -474,8 +484,9 @@ class _DirectionStore(keras.layers.Layer):
     Each variable has its weight's shape and, under `keras.distribution`,
     its weight's layout (a sharded weight gets sharded state), as
     optimizer slots do. `.keras` files keep the variables under this class's
-    name (`layers/__direction_store/vars/<i>`, name-major), where 0.1.0 kept
-    LookSAM's direction.
+    name (`layers/__direction_store/vars/<i>`, name-major), which earlier
+    files use for LookSAM's direction (`keras_asam.compat`). A variant that
+    draws random numbers gets its seed generator's state here too, last.
     """
 
     def __init__(self, seed=None, **kwargs):
@@ -587,30 +598,6 @@ def _short(value):
     return repr(value)
 
 
-def _variant_from_arguments(variant, gsam_alpha, looksam_alpha,
-                            custom_objects=None):
-    """The variant: `variant=`, or one of 0.1.0's shortcuts."""
-    variant = variant_base.deserialize(variant, custom_objects)
-    gsam = validation.check_non_negative("gsam_alpha", gsam_alpha)
-    looksam = validation.check_non_negative("looksam_alpha", looksam_alpha)
-    shortcuts = {name: value for name, value in
-                 (("gsam_alpha", gsam), ("looksam_alpha", looksam))
-                 if value > 0}
-    if len(shortcuts) > 1 or (shortcuts and variant is not None):
-        given = ", ".join(f"{k}={v!r}" for k, v in shortcuts.items())
-        raise ValueError(
-            "Give one variant: `variant=`, `gsam_alpha` and `looksam_alpha` "
-            "cannot both be set (GSAM changes the perturbed steps' "
-            "direction, LookSAM the others'). Received: "
-            f"variant={variant!r}, {given}"
-        )
-    if gsam > 0:
-        return variants.GSAM(gsam)
-    if looksam > 0:
-        return variants.LookSAM(looksam)
-    return variant
-
-
 def _check_variant(variant, checked):
     """The variant's own checks, and the options that need both passes of
     each part of a split batch."""
@@ -639,7 +626,3 @@ def variant_seed(variant, checked):
         return None
     seed = getattr(variant, "seed", None)
     return checked.asam_seed + 1 if seed is None else seed
-
-
-def _alpha_if(variant, cls):
-    return variant.alpha if isinstance(variant, cls) else 0.0

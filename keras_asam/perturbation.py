@@ -2,9 +2,9 @@
 
 Pure functions of tensors, with no Keras model plumbing, so that the train
 step, the sharpness meter and the examples share one definition of eps.
-Written with `keras.ops`, so one definition serves every backend (on
-TensorFlow the ops are the same TensorFlow ops as before: `tf.cond`,
-`tf.nn.l2_loss`, `tf.add_n`).
+Written with `keras.ops`, so one definition serves every backend; on
+TensorFlow a few ops are TensorFlow's own (`tf.cond`, `tf.nn.l2_loss`,
+`tf.add_n`), which keeps its graphs, and so its bits, as they were.
 
 ASAM (Kwon et al., 2021) maximises the loss inside the ball
 ``||T_w^{-1} eps||_p <= rho``. The first-order solution is

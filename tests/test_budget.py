@@ -194,15 +194,14 @@ def test_budget_quick(tmp_path):
 
 
 def _readme_section(title):
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    start = readme.index(f"\n## {title}\n")
-    end = readme.find("\n## ", start + 1)
-    return readme[start:end if end > 0 else None]
+    """The section `## title` of the README or a docs page."""
+    from tests import documents
+
+    return documents.section(title)
 
 
 def test_readme_equal_cost_is_the_committed_results():
-    """The README's section "At equal cost" shows the committed full run's
+    """The section "At equal cost" (docs/results.md) shows the committed full run's
     equal-passes table and its point-4 answers; regenerate the results and
     this fails until the README says what they say."""
     budget = _budget_module()

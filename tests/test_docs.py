@@ -1,6 +1,9 @@
 """The docs site: its Python code blocks run as written, and every public
 name of keras_asam has an entry in the API reference. (`mkdocs build
---strict` runs in `.ci/run`.)"""
+--strict` runs in `.ci/run`.)
+
+Blocks fenced as ```python run, each page's in order in one namespace;
+fragments that leave something out (`loss=...`) are fenced as ```py."""
 
 import glob
 import os

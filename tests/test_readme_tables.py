@@ -1,9 +1,10 @@
-"""The README's result tables, and the numbers quoted around them, are those
-of the committed results: `benchmarks/results/generalization.json` (the
-section "Does it help?") and the quickstart's runs in `examples/results/`
-(the section "Quick start on a fresh machine").
+"""The result tables of the README and the docs, and the numbers quoted
+around them, are those of the committed results:
+`benchmarks/results/generalization.json` (the README's "Does it help?")
+and the quickstart's runs in `examples/results/` ("Quick start on a fresh
+machine", in `docs/getting-started.md`).
 
-When a result file is regenerated, these tests fail until the README says
+When a result file is regenerated, these tests fail until the documents say
 what the new file says; each failure names the expected text."""
 
 import importlib.util
@@ -13,6 +14,8 @@ import os
 import numpy as np
 import pytest
 import scipy.stats
+
+from tests import documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "examples", "results")
@@ -29,11 +32,8 @@ def _load(*path):
 
 
 def _section(title):
-    """The README's section `## title`, up to the next `## ` heading."""
-    readme = _read("README.md")
-    start = readme.index(f"\n## {title}\n")
-    end = readme.find("\n## ", start + 1)
-    return readme[start:end if end > 0 else None]
+    """The section `## title` of the README or a docs page."""
+    return documents.section(title)
 
 
 def _code_blocks(text):

@@ -32,11 +32,10 @@ import numpy as np  # noqa: E402
 
 
 def readme_block():
-    """The python block of the README's "Your own variant" section."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    """The python block of the docs page "Writing your own variant"."""
+    with open(os.path.join(ROOT, "docs", "own-variant.md")) as f:
         text = f.read()
-    section = text[text.index("### Your own variant"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
 
 
 def data():
