@@ -201,9 +201,9 @@ def _readme_section(title):
 
 
 def test_readme_equal_cost_is_the_committed_results():
-    """The section "At equal cost" (docs/results.md) shows the committed full run's
-    equal-passes table and its point-4 answers; regenerate the results and
-    this fails until the README says what they say."""
+    """The section "At equal cost" (docs/results.md) shows the committed
+    full run's equal-passes table and its point-4 answers; regenerate the
+    results and this fails until the page says what they say."""
     budget = _budget_module()
     results_dir = os.path.join(BENCHMARKS, "results")
     with open(os.path.join(results_dir, "budget.json")) as f:
