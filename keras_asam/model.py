@@ -126,7 +126,7 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
             direction is not finite, as a `LossScaleOptimizer` does with
             non-finite gradients; with SAM and ASAM under
             `jit_compile=True` it also lets XLA drop g before the
-            perturbed pass (the README's cost section). Under a
+            perturbed pass (the docs' cost section). Under a
             `LossScaleOptimizer` the step hands g_adv to it either way, and
             it skips the step.
         asam_every: Integer >= 1. Run the perturbed pass only on steps where

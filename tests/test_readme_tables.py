@@ -120,7 +120,7 @@ def test_readme_quickstart_table_is_the_committed_run():
     record = _load("examples", "results", "quickstart_tensorflow.json")
     blocks = _code_blocks(_section("Quick start on a fresh machine"))
     assert record["table"] in blocks, (
-        "the README's quick start should show this table:\n"
+        "the quick start (docs/getting-started.md) should show this table:\n"
         + record["table"])
 
 
@@ -224,8 +224,9 @@ def test_readme_benchmark_table_is_the_committed_results():
     section = _section("Does it help?")
     shown = [line for line in section.splitlines()
              if line.startswith(("| digits |", "| MNIST-1D |"))]
-    assert shown == rows, "the README's table should read:\n" + "\n".join(
-        rows)
+    assert shown == rows, (
+        "the README's table under \"Does it help?\" should read:\n"
+        + "\n".join(rows))
 
 
 def test_readme_benchmark_text_is_the_committed_results():

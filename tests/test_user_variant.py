@@ -1,4 +1,4 @@
-"""The README's user-defined variant (`Mix`) on every backend.
+"""The user-defined variant (`Mix`) of docs/own-variant.md on every backend.
 
 `Mix(beta)` descends along `beta * g + (1 - beta) * g_adv` and counts the
 perturbed steps in its state. Its two steps of SGD are checked against a

@@ -1,4 +1,5 @@
-"""The README's user-defined variant, run as written, on one backend.
+"""The user-defined variant of docs/own-variant.md, run as written, on one
+backend.
 
 Run in a subprocess with KERAS_BACKEND set, or with `--mirrored` under a
 `MirroredStrategy` of two logical CPUs (TensorFlow):
@@ -6,7 +7,7 @@ Run in a subprocess with KERAS_BACKEND set, or with `--mirrored` under a
     KERAS_BACKEND=jax python tests/user_variant.py OUT.npz
     python tests/user_variant.py OUT.npz --mirrored
 
-It executes the README's code block, then trains the tiny MLP of
+It executes that page's code block, then trains the tiny MLP of
 `tests/test_user_variant.py` for two steps with `Mix(0.3)` and writes the
 weights and the variant's state.
 """
