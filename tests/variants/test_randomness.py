@@ -1,8 +1,7 @@
 """A variant that draws random numbers (`uses_seed = True`) gets new numbers
 at every step from the model's seed generator, on TensorFlow (graph, XLA,
-MirroredStrategy through `tests/test_distribute.py`'s mechanism is not
-needed: the draws are replica-independent) and inside JAX's jitted step,
-and the generator's state is saved with the model.
+the same numbers on every replica of a `MirroredStrategy`) and inside JAX's
+jitted step, and the generator's state is saved with the model.
 
 `Noisy` stores the noise it draws in its state; the test draws the same
 sequence from a fresh `keras.random.SeedGenerator` with the same seed and
@@ -132,6 +131,54 @@ def test_generator_state_is_saved_and_restored(tmp_path):
     initial = keras.random.SeedGenerator(seed=SEED).state
     assert not np.array_equal(keras.ops.convert_to_numpy(initial),
                               keras.ops.convert_to_numpy(generator.state))
+
+
+_MIRRORED = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np, keras_asam
+from tests.variants.test_randomness import Noisy, data
+strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3, activation="tanh")(inputs)
+    model = keras_asam.ASAMModel(keras.Model(inputs, keras.layers.Dense(2)(
+        hidden)), rho=0.5, variant=Noisy())
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+x, y = data()
+model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+checked = (list(model.variant_state["noise"]) + model.trainable_variables
+           + [model._variant_seed_generator().state])
+print(json.dumps({
+    "replicas_equal": all(
+        all(np.array_equal(np.asarray(r[0]), np.asarray(p)) for p in r)
+        for r in (strategy.experimental_local_results(v.value)
+                  for v in checked)),
+    "seed_state": np.asarray(strategy.experimental_local_results(
+        checked[-1].value)[0]).tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_replicas_draw_the_same_noise_under_mirrored_strategy():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-c", _MIRRORED, root], capture_output=True,
+        text=True, timeout=600,
+        env=dict(os.environ, KERAS_BACKEND="tensorflow",
+                 TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # Noise, weights and the generator's state equal on both replicas; the
+    # state advanced by one per draw (STEPS steps of 4 variables).
+    assert result["replicas_equal"]
+    assert result["seed_state"] == [SEED, 4 * STEPS]
 
 
 @pytest.mark.slow
