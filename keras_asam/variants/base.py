@@ -95,7 +95,7 @@ class Variant:
     `@keras.saving.register_keras_serializable()` and give it `get_config`
     so that models using it save and load.
 
-    Class attributes:
+    Attributes:
         state_names: Tuple of strings. One float32 buffer per trainable
             weight and name, zero at first, passed to the hooks as
             `state[name]` (a list aligned with the weights).
@@ -157,8 +157,9 @@ class Variant:
         is built, before any state changes."""
 
     def check_optimizer(self, optimizer):
-        """Raises `ValueError` if this variant cannot run with `optimizer`.
-        Called by `compile`."""
+        """Raises `ValueError` if this variant cannot run with `optimizer`,
+        or warns where it was not made for it. Called before training
+        starts."""
 
     def ascent(self, gradients, state, ctx):
         """The direction eps is built from. Defaults to g.
