@@ -223,7 +223,7 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         # (`_create_own_state`).
         self._variant_store = (
             _DirectionStore(name="variant_state",
-                            seed=variant_seed(variant, checked))
+                            seed=_variant_seed(variant, checked))
             if variant is not None
             and (variant.state_names or variant.uses_seed) else None
         )
@@ -618,7 +618,7 @@ def _check_variant(variant, checked):
         )
 
 
-def variant_seed(variant, checked):
+def _variant_seed(variant, checked):
     """The seed of the generator a variant that draws random numbers gets
     (`None` for one that does not): its own `seed` attribute when it has
     one, else the model's `asam_seed` plus one."""

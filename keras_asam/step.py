@@ -212,19 +212,23 @@ class SharedStep:
         `sync_perturbation`), as the variant changes it; its stored state
         alone on a step without a clean pass."""
         variant = self._active_variant
-        count = len(self.trainable_variables)
         if not variant.clean_pass:
-            with self._hook_scope():
-                direction = variant.pre_pass(self._state_values(), ctx)
-            return contract.directions(variant, "pre_pass", direction, count)
+            return self._run_hook("pre_pass", self._state_values(), ctx)
         if self.options.sync_perturbation:
             gradients = self._all_reduce_sum(gradients)
         if overrides(variant, "ascent"):
-            with self._hook_scope():
-                direction = variant.ascent(gradients, self._state_values(),
-                                           ctx)
-            return contract.directions(variant, "ascent", direction, count)
+            return self._run_hook("ascent", gradients, self._state_values(),
+                                  ctx)
         return gradients
+
+    def _run_hook(self, hook, *args):
+        """The variant's `hook` called with `args` (inside `_hook_scope`),
+        its result checked against the hook's contract."""
+        variant = self._active_variant
+        with self._hook_scope():
+            result = getattr(variant, hook)(*args)
+        return contract.checked(variant, hook, result,
+                                len(self.trainable_variables))
 
     def _eps(self, gradients, values, rho):
         """eps for the trainable variables (values aligned with
@@ -281,17 +285,13 @@ class SharedStep:
             if run is not False:
                 adversarial = self._all_reduce_sum(adversarial)
         state = self._state_values()
-        count = len(self.trainable_variables)
 
         def descent():
-            with self._hook_scope():
-                result = variant.descent(gradients, adversarial, state, ctx)
-            return contract.step_result(variant, "descent", result, count)
+            return self._run_hook("descent", gradients, adversarial, state,
+                                  ctx)
 
         def off_step():
-            with self._hook_scope():
-                result = variant.off_step(gradients, state, ctx)
-            return contract.step_result(variant, "off_step", result, count)
+            return self._run_hook("off_step", gradients, state, ctx)
 
         if run is True:
             direction, updates = descent()
@@ -362,17 +362,13 @@ class SharedStep:
         """The variant's correction after the update (`None`: none), given
         whether the update was applied: the optimizer's count of updates
         moved from `iterations_before`."""
-        variant = self._active_variant
         applied = ops.not_equal(self._optimizer_iterations(),
                                 iterations_before)
         if ctx.second_pass is not True:
             applied = ops.logical_and(applied, ctx.second_pass)
-        with self._hook_scope():
-            deltas = variant.after_apply(
-                gradients, adversarial, self._state_values(),
-                ctx.replace(update_applied=applied))
-        return contract.corrections(variant, deltas,
-                                    len(self.trainable_variables))
+        return self._run_hook("after_apply", gradients, adversarial,
+                              self._state_values(),
+                              ctx.replace(update_applied=applied))
 
     def _optimizer_iterations(self):
         """The optimizer's count of applied updates (a copy: not a view of

@@ -31,18 +31,16 @@ def test_pages_have_code_to_run():
 
 
 @pytest.mark.slow
-def test_docs_code_blocks_run():
-    # Each page's blocks in order, in one process per page (a page may
-    # register classes), all pages in one subprocess to start TensorFlow
-    # once.
+def test_docs_code_blocks_run(tmp_path):
+    # Each page's blocks in order, in one namespace per page, all pages in
+    # one subprocess to start TensorFlow once.
     script = "\n".join([
-        "import runpy, sys, tempfile, os",
+        "import runpy, sys",
         "for path in sys.argv[1:]:",
         "    print('page', path, flush=True)",
         "    runpy.run_path(path)",
     ])
-    folder = os.path.join(os.environ.get("TMPDIR", "/tmp"), "keras_asam_docs")
-    os.makedirs(folder, exist_ok=True)
+    folder = str(tmp_path)
     files = []
     for page in PAGES:
         blocks = python_blocks(page)

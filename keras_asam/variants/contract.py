@@ -9,8 +9,8 @@ _LIST = (list, tuple)
 
 
 def check_attributes(variant):
-    """Raises `TypeError` or `ValueError` if `variant`'s `state_names` or
-    `clean_pass` is malformed."""
+    """Raises `TypeError` or `ValueError` if `variant`'s `state_names`,
+    `reads_clean_gradient`, `uses_seed` or `clean_pass` is malformed."""
     name = type(variant).__name__
     names = variant.state_names
     if not isinstance(names, _LIST) or not all(
@@ -119,3 +119,13 @@ def step_result(variant, hook, result, count):
                 f"{_describe(values)}"
             )
     return direction, {key: list(values) for key, values in updates.items()}
+
+
+def checked(variant, hook, result, count):
+    """`result` of `variant`'s `hook`, checked against that hook's
+    contract (`count`: the number of trainable variables)."""
+    if hook in ("descent", "off_step"):
+        return step_result(variant, hook, result, count)
+    if hook == "after_apply":
+        return corrections(variant, result, count)
+    return directions(variant, hook, result, count)
