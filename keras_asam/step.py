@@ -57,21 +57,253 @@ PLAIN = Variant()  # ASAM/SAM: ascend along g, descend along g_adv.
 
 
 class SharedStep:
-    """The backend-neutral part of `ASAMModel`'s step (a mixin).
+    """The backend-neutral step of `ASAMModel` (a mixin): `_step` runs the
+    sequence in the module docstring on every backend.
 
-    Backends define `_read`/`_write` (values of variables), and may define
-    `_all_reduce_sum`, `_num_replicas`, `_unscale_loss` (replicas) and
-    `_optimizer_scope` (a scope in which the optimizer's variables read
-    their current values).
+    A backend's mixin provides the primitives under "what a backend
+    provides", and its `train_step` only unpacks its own arguments and calls
+    `_step`. The primitives never read `variant`: what a variant changes is
+    decided here.
     """
 
+    # -- the step, once ------------------------------------------------------
+
+    def _step(self, data, choice=None):
+        """One training step; returns the logs.
+
+        Args:
+            data: The batch, `(x, y, sample_weight)` as Keras packs it.
+            choice: The host's decision: `True` (with the perturbed pass),
+                `False` (a plain step), or `None` to leave it to the graph
+                (`_runs_perturbed_pass`).
+        """
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch = (x, y, sample_weight)
+        rho = self._rho_this_step()
+        run = self._runs_perturbed_pass(rho, choice)
+        if not self._takes_clean_pass(run):
+            run = True
+            ctx = self._context(rho, run)
+            y_pred, loss, adversarial = self._one_pass(batch, ctx, rho)
+            gradients, adversarial_loss = None, loss
+        elif self.options.num_batch_splits > 1 and run is not False:
+            y_pred, loss, gradients, adversarial, adversarial_loss = (
+                self._split_passes(batch, rho, run))
+            ctx = self._context(rho, run)
+        else:
+            # The clean pass: the loss, the metrics and the ascent.
+            y_pred, loss, gradients = self._pass(batch)
+            ctx = self._context(rho, run)
+            ascent = None if run is False else self._ascent(gradients, ctx)
+            adversarial, adversarial_loss = self._perturbed_pass(
+                batch, gradients, loss, ascent, rho, run)
+        ctx = ctx.replace(loss=loss, adversarial_loss=adversarial_loss)
+        self._update(gradients, adversarial, ctx)
+        self._count_step()
+        sharpness = None if gradients is None else adversarial_loss - loss
+        return self._logs(x, y, y_pred, sample_weight, loss, sharpness, run)
+
+    def _one_pass(self, batch, ctx, rho):
+        """The step of a variant without a clean pass: one pass at w + eps,
+        eps from the variant's state; its loss, metrics and BatchNorm
+        updates are the step's. Returns `(y_pred, loss, g_adv)`."""
+        eps = self._eps(self._ascent(None, ctx), self._weights(), rho)
+        return self._pass(batch, eps)
+
+    def _perturbed_pass(self, part, gradients, loss, ascent, rho, run):
+        """The perturbed pass on `part` at w + eps, eps along `ascent`.
+
+        Returns `(g_adv, L(w + eps))`: g_adv is g where L(w + eps) is not
+        finite (with `non_finite_step="clean_gradient"`); `(g, loss)` on
+        steps without the pass (`run` false, a Python bool or a boolean
+        tensor the graph picks). Its changes to the metrics, and unless
+        `keep_perturbed_state` to the float non-trainable variables, are
+        discarded.
+        """
+        if run is False:
+            return gradients, loss
+
+        def taken():
+            eps = self._eps(ascent, self._weights(), rho)
+            _, adversarial_loss, adversarial = self._pass(
+                part, eps, self._state_to_restore())
+            if not self._recomputes_clean_gradient():
+                adversarial = self._finite_or_clean(
+                    adversarial, gradients, adversarial_loss)
+            else:
+                # Nothing else reads g after this pass: where L(w + eps) is
+                # not finite it is recomputed instead of kept alive.
+                adversarial = self._cond_lists(
+                    ops.isfinite(adversarial_loss), lambda: adversarial,
+                    lambda: self._pass(part, None,
+                                       self._state_to_restore())[2],
+                    like=_like(adversarial, gradients))
+            return [*adversarial, adversarial_loss]
+
+        if run is True:
+            *adversarial, adversarial_loss = taken()
+        else:
+            *adversarial, adversarial_loss = self._cond_lists(
+                run, taken, lambda: [*gradients, loss],
+                like=[*gradients, loss])
+        return adversarial, adversarial_loss
+
+    def _recomputes_clean_gradient(self):
+        """Whether the step recomputes g where L(w + eps) is not finite
+        instead of keeping it through the perturbed pass: where nothing
+        else reads it and the backend asks for it
+        (`_can_recompute_clean_gradient`)."""
+        return (self._clean_gradient_unread()
+                and self.options.num_batch_splits == 1
+                and self._can_recompute_clean_gradient())
+
+    def _split_passes(self, batch, rho, run):
+        """Both passes for each of `num_batch_splits` parts of the batch.
+
+        Part s (sizes as in `numpy.array_split`, one example per part when
+        the batch has fewer) perturbs along its own gradient g_s. Returns
+        `(y_pred, loss, g, g_adv, L_adv)`: the parts' clean predictions
+        joined into the batch, the batch's loss from them (per-output loss
+        metrics count it once), and the size-weighted means of the module
+        docstring.
+        """
+        self._check_split_batch()
+        self._warn_about_batchnorm()
+        metric_state = [v for m in self.metrics for v in m.variables]
+        saved_metrics = self._saved(metric_state)
+        float_state = self._float_state()
+
+        def body(part, size):
+            saved = self._saved(float_state)
+            part_pred, part_loss, gradients = self._pass(part)
+            adversarial, adversarial_loss = self._perturbed_pass(
+                part, gradients, part_loss, gradients, rho, run)
+            # A part of one example has zero batch variance: it leaves the
+            # BatchNorm statistics as they were.
+            for v, old in zip(float_state, saved):
+                if not isinstance(size, int):
+                    self._write(v, ops.where(size >= 2, self._read(v), old))
+                elif size < 2:
+                    self._write(v, old)
+            return (part_pred, gradients, adversarial,
+                    adversarial_loss - part_loss)
+
+        y_pred, gradients, adversarial, sharpness = self._loop_over_parts(
+            batch, body)
+        for v, value in zip(metric_state, saved_metrics):
+            self._write(v, value)
+        x, y, sample_weight = batch
+        loss = self._batch_loss(x, y, y_pred, sample_weight)
+        return y_pred, loss, gradients, adversarial, loss + sharpness
+
+    def _weights(self):
+        """The trainable variables' values (w)."""
+        return [self._read(v) for v in self.trainable_variables]
+
+    def _state_to_restore(self):
+        """Variables whose perturbed-pass changes are discarded.
+
+        Metric variables always (the perturbed loss must not be counted in
+        per-output loss metrics); non-trainable float variables (BatchNorm
+        moving statistics) unless `keep_perturbed_state`. Integer state such
+        as random seed generators advances normally.
+        """
+        state = [v for m in self.metrics for v in m.variables]
+        if not self.options.keep_perturbed_state:
+            state += self._float_state()
+        unique = {id(v): v for v in state}
+        return list(unique.values())
+
+    def _cond_lists(self, pred, true_fn, false_fn, like):
+        """`_cond` over two lists that may hold `None`: only the entries
+        that are not `None` in `like` go through it; the others come back as
+        `None`."""
+        present = [i for i, t in enumerate(like) if t is not None]
+
+        def take(fn):
+            return lambda: [fn()[i] for i in present]
+
+        chosen = self._cond(pred, take(true_fn), take(false_fn))
+        result = [None] * len(like)
+        for i, value in zip(present, chosen):
+            result[i] = value
+        return result
+
     # -- what a backend provides ------------------------------------------
+
+    def _pass(self, part, eps=None, discard=()):
+        """Forward and backward pass on `part`, an `(x, y, sample_weight)`,
+        at w + eps (`eps`: a list aligned with the trainable variables,
+        `None` entries and `eps=None` for none), the weights then exactly
+        w again. Updates the model's state as a call does (BatchNorm
+        statistics, per-output loss metrics), then restores the variables
+        in `discard`.
+
+        Returns:
+            `(y_pred, loss, gradients)`: the loss before loss scaling (under
+            a `tf.distribute` strategy divided by the number of replicas, as
+            Keras computes it) and its gradients as a `LossScaleOptimizer`
+            scales it, aligned with `self.trainable_variables`.
+        """
+        raise NotImplementedError
+
+    def _loop_over_parts(self, batch, body):
+        """Calls `body(part, size)` for each of `num_batch_splits` parts of
+        `batch` in order (sizes as in `numpy.array_split`; `size` a Python
+        int or an integer tensor). `body` returns `(y_pred, g, g_adv,
+        sharpness)` of its part.
+
+        Returns:
+            `(y_pred, g, g_adv, sharpness)`: the parts' predictions joined,
+            and the size-weighted sums of the others (`add_weighted`).
+        """
+        raise NotImplementedError
+
+    def _cond(self, pred, true_fn, false_fn):
+        """`true_fn()` if the boolean scalar `pred` holds, else
+        `false_fn()`; both return lists of tensors of the same shapes. Only
+        the branch taken is computed."""
+        return true_fn() if bool(pred) else false_fn()
+
+    def _runs_perturbed_pass(self, rho, choice):
+        """Whether this step takes the perturbed pass: a Python bool, or a
+        boolean scalar tensor where the graph picks it. Defaults to the
+        host's `choice`."""
+        return True if choice is None else choice
+
+    def _can_recompute_clean_gradient(self):
+        """Whether recomputing g (rarely) saves memory over keeping it
+        through the perturbed pass: not where a compiler or eager execution
+        keeps it anyway."""
+        return False
+
+    def _check_split_batch(self):
+        """Raises where `num_batch_splits` cannot run on this backend."""
+
+    def _batch_loss(self, x, y, y_pred, sample_weight):
+        """The loss of the batch from `y_pred` (updates the per-output loss
+        metrics)."""
+        return self._compute_loss(x=x, y=y, y_pred=y_pred,
+                                  sample_weight=sample_weight, training=True)
+
+    def _apply(self, descent, finite):
+        """The optimizer's update along `descent`; none where `finite` (a
+        boolean scalar, `None` for always) is false."""
+        raise NotImplementedError
+
+    def _add_to_weights(self, deltas):
+        """w <- w + deltas (`None` entries: unchanged)."""
+        raise NotImplementedError
 
     def _read(self, variable):
         return variable.value
 
     def _write(self, variable, value):
         variable.assign(value)
+
+    def _saved(self, variables):
+        """Copies of the variables' values, unaffected by later writes."""
+        return [ops.copy(self._read(v)) for v in variables]
 
     def _all_reduce_sum(self, tensors):
         return list(tensors)
@@ -485,3 +717,17 @@ def _select(run, on, off, default=None):
     if on is None or off is None:
         return on if off is None else off
     return ops.where(run, ops.cast(on, "float32"), ops.cast(off, "float32"))
+
+
+def _like(adversarial, gradients):
+    """g_adv's entries where g has one too (`None` elsewhere)."""
+    return [None if ga is None or g is None else ga
+            for ga, g in zip(adversarial, gradients)]
+
+
+def add_weighted(totals, values, share):
+    """`totals + share * values` in float32, entry by entry (`totals` where
+    a value is `None`): a part's share of the split passes' means."""
+    return [total if value is None
+            else total + share * ops.cast(value, "float32")
+            for total, value in zip(totals, values)]
