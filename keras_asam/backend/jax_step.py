@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from keras_asam.step import SharedStep
+from keras_asam.step import SharedStep, add_weighted
 
 
 class _Values:
@@ -58,42 +58,7 @@ class JaxTrainStep(SharedStep):
         values = _Values(self, state)
         object.__setattr__(self, "_values", values)
         try:
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            batch = (x, y, sample_weight)
-            trainable, non_trainable = values.lists[0], values.lists[1]
-            rho = self._rho_this_step()
-            ctx = self._context(rho, run)  # The model is built here.
-            if run and self.options.num_batch_splits > 1:
-                (loss, y_pred, non_trainable, gradients, adversarial,
-                 adversarial_loss) = self._split_passes(
-                    self._passes, trainable, non_trainable,
-                    values.lists[3], batch, rho)
-            elif not self._takes_clean_pass(run):
-                # One pass, at w + eps from the variant's state.
-                eps = self._eps(self._ascent(None, ctx), trainable, rho)
-                (loss, y_pred, non_trainable, values.lists[3]), adversarial = (
-                    self._passes(_moved(trainable, eps), non_trainable,
-                                 values.lists[3], batch))
-                gradients, adversarial_loss = None, loss
-            else:
-                (loss, y_pred, non_trainable, values.lists[3]), gradients = (
-                    self._passes(trainable, non_trainable, values.lists[3],
-                                 batch))
-                adversarial, adversarial_loss = gradients, loss
-                if run:
-                    adversarial, adversarial_loss, non_trainable = (
-                        self._perturbed_pass(
-                            self._passes, trainable,
-                            self._ascent(gradients, ctx), gradients,
-                            list(non_trainable), values.lists[3], rho, batch))
-            values.lists[1] = self._passes_state(values.lists[1],
-                                                 non_trainable)
-            ctx = ctx.replace(loss=loss, adversarial_loss=adversarial_loss)
-            self._update(gradients, adversarial, ctx)
-            self._count_step()
-            sharpness = None if gradients is None else adversarial_loss - loss
-            logs = self._logs(x, y, y_pred, sample_weight, loss, sharpness, run)
-            return logs, values.state()
+            return self._step(data, run), values.state()
         finally:
             object.__setattr__(self, "_values", None)
 
@@ -105,14 +70,6 @@ class JaxTrainStep(SharedStep):
                   self.optimizer.variables, self.metrics_variables)
         return {id(v): (k, i) for k, group in enumerate(groups)
                 for i, v in enumerate(group)}
-
-    def _passes_state(self, current, passed):
-        """The non-trainable values after the passes: theirs, but for
-        ASAM's own state, which the passes carry unchanged and the hooks
-        may have written meanwhile (the seed generator's state)."""
-        own = {id(v) for v in self._own_state()}
-        return [old if id(v) in own else new for v, old, new in zip(
-            self.non_trainable_variables, current, passed)]
 
     def _read(self, variable):
         values = self.__dict__.get("_values")
@@ -158,148 +115,86 @@ class JaxTrainStep(SharedStep):
 
     # -- the passes -------------------------------------------------------
 
-    def _passes(self, values, non_trainable, metrics, part):
-        """Value and gradient of the (scaled) loss on `part`, an
-        `(x, y, sample_weight)` of the batch, at `values`: returns
-        `((loss, y_pred, non_trainable, metrics), gradients)`."""
+    def _pass(self, part, eps=None, discard=()):
+        values = self._values
+        saved = self._saved(discard)
+        trainable = values.lists[0]
+        if eps is not None:
+            trainable = [w if e is None else w + e.astype(w.dtype)
+                         for w, e in zip(trainable, eps)]
         (_, aux), gradients = jax.value_and_grad(
             self.compute_loss_and_updates, has_aux=True)(
-            values, non_trainable, metrics, *part, training=True,
-            optimizer_variables=self._values.lists[2])
-        return aux, gradients
+            trainable, values.lists[1], values.lists[3], *part,
+            training=True, optimizer_variables=values.lists[2])
+        loss, y_pred, values.lists[1], values.lists[3] = aux
+        values.lists[1] = list(values.lists[1])
+        values.lists[3] = list(values.lists[3])
+        for v, value in zip(discard, saved):
+            self._write(v, value)
+        return y_pred, loss, gradients
 
-    def _perturbed_pass(self, passes, trainable, ascent, gradients,
-                        non_trainable, metrics_variables, rho, part):
-        """Pass 2 at w + eps (eps along `ascent`), from the non-trainable
-        values of the clean pass; its metric updates are dropped.
+    def _saved(self, variables):
+        return [self._read(v) for v in variables]
 
-        Returns `(g_adv, L(w + eps), non_trainable)`: g_adv is the clean
-        `gradients` where L(w + eps) is not finite (by default); the float
-        non-trainable values are the clean pass's unless
-        `keep_perturbed_state`.
-        """
-        eps = self._eps(ascent, trainable, rho)
-        (adversarial_loss, _, perturbed_non_trainable, _), adversarial = (
-            passes(_moved(trainable, eps), non_trainable, metrics_variables,
-                   part))
-        float_state = {id(v) for v in self._float_state()}
-        non_trainable = [
-            clean if (id(v) in float_state
-                      and not self.options.keep_perturbed_state) else after
-            for v, clean, after in zip(
-                self.non_trainable_variables, non_trainable,
-                perturbed_non_trainable,
-            )
-        ]
-        adversarial = self._finite_or_clean(
-            adversarial, gradients, adversarial_loss
-        )
-        return adversarial, adversarial_loss, non_trainable
-
-    def _split_passes(self, passes, trainable, non_trainable,
-                      metrics_variables, data, rho):
-        """Both passes for each of `num_batch_splits` parts of the batch.
-
-        Part s perturbs along its own gradient g_s; the results are the
-        size-weighted means of `keras_asam/step.py`'s docstring (one
-        example per part when the batch has fewer than n).
-
-        The non-trainable values run through the parts in order (BatchNorm
-        statistics updated once per part, by its clean pass); a part of one
-        example leaves the float ones as they were. Parts of one size share
-        a `lax.scan`.
-
-        Args:
-            passes: `passes(values, non_trainable, metrics, part)`, the value
-                and gradient of the (scaled) loss on `part = (x, y, weight)`.
-            trainable: Values of the trainable variables (w).
-            non_trainable: Values of the non-trainable variables.
-            metrics_variables: Values of the metric variables.
-            data: `(x, y, sample_weight)` of the batch.
-            rho: Scalar rho_t.
-
-        Returns:
-            `(loss, y_pred, non_trainable, g, g_adv, L_adv)`: the batch's
-            loss from the parts' clean predictions joined in `y_pred` (the
-            metric variables updated by that loss once), and the
-            size-weighted means above.
-        """
-        self._warn_about_batchnorm()
-        batch = next(
-            t for t in keras.tree.flatten(data[0]) if t is not None
+    def _loop_over_parts(self, batch, body):
+        """Parts of one size share a `lax.scan`; the non-trainable values
+        run through the parts in order, the other values are the step's."""
+        values = self._values
+        outer = values.state()
+        size_of_batch = next(
+            t for t in keras.tree.flatten(batch[0]) if t is not None
         ).shape[0]
         carry = (
-            list(non_trainable),
-            [jnp.zeros(w.shape, jnp.float32) for w in trainable],
-            [jnp.zeros(w.shape, jnp.float32) for w in trainable],
+            list(outer[1]),
+            [jnp.zeros(w.shape, jnp.float32) for w in outer[0]],
+            [jnp.zeros(w.shape, jnp.float32) for w in outer[0]],
             jnp.zeros((), jnp.float32),
         )
+
+        def scan_body(size, carry, part):
+            state, gradient_sums, adversarial_sums, sharpness_sum = carry
+            values.lists = [list(outer[0]), list(state), list(outer[2]),
+                            list(outer[3])]
+            part_pred, gradients, adversarial, sharpness = body(part, size)
+            share = size / size_of_batch
+            state = [jnp.asarray(new, old.dtype)
+                     for old, new in zip(state, values.lists[1])]
+            return (state, add_weighted(gradient_sums, gradients, share),
+                    add_weighted(adversarial_sums, adversarial, share),
+                    sharpness_sum + share * jnp.asarray(sharpness,
+                                                        jnp.float32)
+                    ), part_pred
+
         predictions = []
-        for start, count, size in _groups(batch, self.options.num_batch_splits):
-            body = functools.partial(
-                self._part_body, passes, trainable, metrics_variables, rho,
-                size, size / batch)
+        for start, count, size in _groups(size_of_batch,
+                                          self.options.num_batch_splits):
             stacked = keras.tree.map_structure(
                 lambda t, start=start, count=count, size=size: (
                     None if t is None else jnp.reshape(
                         t[start:start + count * size],
-                        (count, size) + tuple(t.shape[1:]),
-                    )
-                ),
-                data,
-            )
-            carry, part_preds = jax.lax.scan(body, carry, stacked)
+                        (count, size) + tuple(t.shape[1:]))),
+                batch)
+            carry, part_preds = jax.lax.scan(
+                functools.partial(scan_body, size), carry, stacked)
             predictions.append(keras.tree.map_structure(
                 lambda p: jnp.reshape(p, (-1,) + tuple(p.shape[2:])),
-                part_preds,
-            ))
+                part_preds))
         state, gradients, adversarial, sharpness = carry
+        values.lists = [list(outer[0]), list(state), list(outer[2]),
+                        list(outer[3])]
         y_pred = keras.tree.map_structure(
-            lambda *p: jnp.concatenate(p, axis=0), *predictions
-        )
-        x, y, sample_weight = data
-        # The loss of the joined batch (per-output loss metrics count it
-        # once; weight regularization once).
-        loss, (_, state, metrics_variables) = self.stateless_compute_loss(
-            trainable, state, metrics_variables, x=x, y=y, y_pred=y_pred,
-            sample_weight=sample_weight, training=True,
-        )
-        self._values.lists[3] = metrics_variables
-        return (loss, y_pred, list(state), gradients, adversarial,
-                loss + sharpness)
+            lambda *p: jnp.concatenate(p, axis=0), *predictions)
+        return y_pred, gradients, adversarial, sharpness
 
-    def _part_body(self, passes, trainable, metrics_variables, rho, size,
-                   share, carry, part):
-        """`lax.scan`'s body: both passes on one part of `size` examples,
-        its share of the means added to the carry."""
-        state, gradient_sums, adversarial_sums, sharpness = carry
-        (part_loss, part_pred, after, _), gradients = passes(
-            trainable, state, metrics_variables, part
-        )
-        adversarial, adversarial_loss, after = self._perturbed_pass(
-            passes, trainable, gradients, gradients, list(after),
-            metrics_variables, rho, part,
-        )
-        if size < 2:
-            # Zero batch variance: BatchNorm statistics unchanged.
-            float_state = {id(v) for v in self._float_state()}
-            after = [old if id(v) in float_state else new
-                     for v, old, new in zip(self.non_trainable_variables,
-                                            state, after)]
-        after = [jnp.asarray(new, old.dtype)
-                 for old, new in zip(state, after)]
-        gradient_sums = [
-            total + share * g.astype(jnp.float32)
-            for total, g in zip(gradient_sums, gradients)
-        ]
-        adversarial_sums = [
-            total + share * g.astype(jnp.float32)
-            for total, g in zip(adversarial_sums, adversarial)
-        ]
-        sharpness = sharpness + share * jnp.asarray(
-            adversarial_loss - part_loss, jnp.float32
-        )
-        return (after, gradient_sums, adversarial_sums, sharpness), part_pred
+    def _batch_loss(self, x, y, y_pred, sample_weight):
+        # Weight regularization once; per-output loss metrics count the
+        # joined batch once.
+        values = self._values
+        loss, (_, state, metrics) = self.stateless_compute_loss(
+            values.lists[0], values.lists[1], values.lists[3], x=x, y=y,
+            y_pred=y_pred, sample_weight=sample_weight, training=True)
+        values.lists[1], values.lists[3] = list(state), list(metrics)
+        return loss
 
     # -- the update and the logs ----------------------------------------------
 
@@ -400,9 +295,3 @@ def _groups(batch, splits):
     groups = [(0, remainder, quotient + 1),
               (remainder * (quotient + 1), parts - remainder, quotient)]
     return [group for group in groups if group[1] > 0]
-
-
-def _moved(values, eps):
-    """w + eps, value by value (w where eps is `None`)."""
-    return [w if e is None else w + e.astype(w.dtype)
-            for w, e in zip(values, eps)]
