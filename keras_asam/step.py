@@ -727,7 +727,9 @@ def _like(adversarial, gradients):
 
 def add_weighted(totals, values, share):
     """`totals + share * values` in float32, entry by entry (`totals` where
-    a value is `None`): a part's share of the split passes' means."""
+    a value is `None`, `share * values` where a total is): a part's share
+    of the split passes' means."""
     return [total if value is None
+            else share * ops.cast(value, "float32") if total is None
             else total + share * ops.cast(value, "float32")
             for total, value in zip(totals, values)]
