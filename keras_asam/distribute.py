@@ -50,6 +50,15 @@ def all_reduce_sum(tensors):
     return result
 
 
+def all_gather(tensor):
+    """The replicas' `tensor`s joined along the first axis, in replica
+    order (the tensor itself with one replica). Called in replica context,
+    outside any conditional."""
+    if num_replicas() == 1:
+        return tensor
+    return tf.distribute.get_replica_context().all_gather(tensor, axis=0)
+
+
 def all_replicas(flag):
     """`True` where `flag` (a boolean scalar) holds on every replica.
 

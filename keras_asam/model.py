@@ -224,14 +224,23 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         self._variant_store = (
             _DirectionStore(name="variant_state",
                             seed=_variant_seed(variant, checked))
-            if variant is not None
-            and (variant.state_names or variant.uses_seed) else None
+            if variant is not None and (variant.state_names
+                                        or variant.extra_state()
+                                        or variant.uses_seed) else None
         )
         # Kept out of `self.metrics`, so `evaluate` logs exactly what a plain
         # model logs; `train_step` adds it to the training logs.
         object.__setattr__(
             self, "_sharpness_tracker", keras.metrics.Mean(name="sharpness")
         )
+        # The share of steps that took the perturbed pass, logged for a
+        # variant that decides it in the graph (`Variant.decide`).
+        object.__setattr__(
+            self, "_perturbed_tracker",
+            keras.metrics.Mean(name="perturbed_steps"))
+        # The variant's term of the passes' losses during a step
+        # (`SharedStep._loss_term_for`), else `None`.
+        self._pass_loss_term = None
         if model is not None and model.built:
             self.built = True
             self._create_own_state()
@@ -348,10 +357,13 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         return self._variant_state()
 
     def _variant_state(self):
+        """name -> the variables of that buffer: a list aligned with the
+        weights, or one variable for a variant's `extra_state`."""
         store = self._variant_store
         if store is None:
             return {}
-        return store.by_name(self.variant.state_names)
+        return store.by_name(self.variant.state_names,
+                             list(self.variant.extra_state()))
 
     def _variant_variables(self):
         store = self._variant_store
@@ -370,7 +382,8 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         if store is not None and not store.variables:
             variables = self.trainable_variables
             if variables:
-                store.create(self.variant.state_names, variables)
+                store.create(self.variant.state_names, variables,
+                             self.variant.extra_state())
 
     def build_from_config(self, config):
         super().build_from_config(config)
@@ -475,6 +488,7 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
     def reset_metrics(self):
         super().reset_metrics()
         self._sharpness_tracker.reset_state()
+        self._perturbed_tracker.reset_state()
 
 
 class _DirectionStore(keras.layers.Layer):
@@ -494,7 +508,7 @@ class _DirectionStore(keras.layers.Layer):
         self._seed = seed
         self.seed_generator = None
 
-    def create(self, names, weights):
+    def create(self, names, weights, extra=None):
         distribution = keras.distribution.distribution()
         for name in names:
             for i, weight in enumerate(weights):
@@ -505,6 +519,11 @@ class _DirectionStore(keras.layers.Layer):
                     dtype="float32", trainable=False, autocast=False,
                     name=f"{name}_{i}", layout=layout,
                 ))
+        for name, shape in (extra or {}).items():
+            self._track_variable(keras.Variable(
+                initializer="zeros", shape=tuple(shape), dtype="float32",
+                trainable=False, autocast=False, name=name,
+            ))
         if self._seed is not None:
             # Kept out of Keras' tracking of seed generators, whose state
             # `.keras` files and checkpoints leave out: its state is one of
@@ -516,14 +535,18 @@ class _DirectionStore(keras.layers.Layer):
             self._track_variable(generator.state)
         self.built = True
 
-    def by_name(self, names):
-        """name -> the variables of that name, in the weights' order."""
+    def by_name(self, names, extra_names=()):
+        """name -> the variables of that name, in the weights' order; one
+        variable for each of `extra_names`."""
         variables = self.variables
         if self.seed_generator is not None:
             variables = variables[:-1]
-        count = len(variables) // max(len(names), 1)
-        return {name: variables[k * count:(k + 1) * count]
-                for k, name in enumerate(names)}
+        per_weight = variables[:len(variables) - len(extra_names)]
+        count = len(per_weight) // max(len(names), 1)
+        state = {name: per_weight[k * count:(k + 1) * count]
+                 for k, name in enumerate(names)}
+        state.update(zip(extra_names, variables[len(per_weight):]))
+        return state
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -605,6 +628,18 @@ def _check_variant(variant, checked):
         return
     contract.check_attributes(variant)
     variant.validate(checked)
+    if checked.num_batch_splits > 1 and any(
+        variant_base.overrides(variant, hook)
+        for hook in ("decide", "teacher", "loss_term", "after_pass")
+    ):
+        raise ValueError(
+            f"{type(variant).__name__} decides on the perturbed pass or "
+            "changes the passes' loss, and cannot run with "
+            "`num_batch_splits` > 1 (each part of a split batch takes both "
+            "passes). Received: "
+            f"variant={variant!r}, num_batch_splits="
+            f"{checked.num_batch_splits}"
+        )
     if checked.num_batch_splits > 1 and (
         not variant.clean_pass
         or variant_base.overrides(variant, "ascent")

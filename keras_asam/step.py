@@ -43,7 +43,7 @@ import warnings
 import keras
 from keras import ops
 
-from keras_asam import second_pass, selection
+from keras_asam import sample_index, second_pass, selection
 from keras_asam.perturbation import is_bias, perturbation
 from keras_asam.variants import contract
 from keras_asam.variants.base import (
@@ -78,30 +78,122 @@ class SharedStep:
                 (`_runs_perturbed_pass`).
         """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, index = sample_index.split(
+            x, self._active_variant.uses_sample_index,
+            type(self._active_variant).__name__)
         batch = (x, y, sample_weight)
         rho = self._rho_this_step()
         run = self._runs_perturbed_pass(rho, choice)
         if not self._takes_clean_pass(run):
             run = True
-            ctx = self._context(rho, run)
-            y_pred, loss, adversarial = self._one_pass(batch, ctx, rho)
+            ctx = self._with_teacher(x, self._context(rho, run, index))
+            with self._loss_term_for(ctx):
+                y_pred, loss, adversarial = self._one_pass(batch, ctx, rho)
+            self._after_pass(y_pred, ctx)
             gradients, adversarial_loss = None, loss
         elif self.options.num_batch_splits > 1 and run is not False:
             y_pred, loss, gradients, adversarial, adversarial_loss = (
                 self._split_passes(batch, rho, run))
-            ctx = self._context(rho, run)
+            ctx = self._context(rho, run, index)
         else:
-            # The clean pass: the loss, the metrics and the ascent.
-            y_pred, loss, gradients = self._pass(batch)
-            ctx = self._context(rho, run)
+            # The clean pass: the loss, the metrics and the ascent. (The
+            # context is read after it where nothing needs it before: the
+            # pass builds a model that is not built yet.)
+            ctx = None
+            if self._reaches_clean_pass():
+                ctx = self._with_teacher(x, self._context(rho, run, index))
+            with self._loss_term_for(ctx):
+                y_pred, loss, gradients = self._pass(batch)
+            ctx = ctx or self._context(rho, run, index)
+            self._after_pass(y_pred, ctx)
+            run, ctx = self._decided(run, gradients, loss, ctx)
             ascent = None if run is False else self._ascent(gradients, ctx)
-            adversarial, adversarial_loss = self._perturbed_pass(
-                batch, gradients, loss, ascent, rho, run)
+            with self._loss_term_for(ctx):
+                adversarial, adversarial_loss = self._perturbed_pass(
+                    batch, gradients, loss, ascent, rho, run)
         ctx = ctx.replace(loss=loss, adversarial_loss=adversarial_loss)
         self._update(gradients, adversarial, ctx)
         self._count_step()
         sharpness = None if gradients is None else adversarial_loss - loss
         return self._logs(x, y, y_pred, sample_weight, loss, sharpness, run)
+
+    # -- the variant's reach into the step -------------------------------------
+
+    def _reaches_clean_pass(self):
+        """Whether the variant changes the clean pass (a teacher, a loss
+        term)."""
+        return any(overrides(self._active_variant, hook)
+                   for hook in ("teacher", "loss_term"))
+
+    def _with_teacher(self, x, ctx):
+        """`ctx` with the prediction at the variant's `teacher` weights
+        (inference mode, no gradient), if it names any."""
+        if not overrides(self._active_variant, "teacher"):
+            return ctx
+        weights = self._run_hook("teacher", self._state_values(), ctx)
+        if weights is None:
+            return ctx
+        return ctx.replace(teacher_prediction=self._forward(x, weights))
+
+    @contextlib.contextmanager
+    def _loss_term_for(self, ctx):
+        """A scope in which the passes' loss includes the variant's
+        `loss_term` (divided by the number of replicas, as Keras' losses
+        are)."""
+        if not overrides(self._active_variant, "loss_term"):
+            yield
+            return
+        state = self._state_values()
+        replicas = self._num_replicas()
+
+        def term(y, y_pred, sample_weight):
+            value = self._run_hook("loss_term", y_pred, y, sample_weight,
+                                   state, ctx)
+            if value is None or replicas == 1:
+                return value
+            return value / replicas
+
+        self._pass_loss_term = term
+        try:
+            yield
+        finally:
+            self._pass_loss_term = None
+
+    def _compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                      training=True):
+        loss = super()._compute_loss(x=x, y=y, y_pred=y_pred,
+                                     sample_weight=sample_weight,
+                                     training=training)
+        term = self.__dict__.get("_pass_loss_term")
+        if term is not None and training:
+            value = term(y, y_pred, sample_weight)
+            if value is not None:
+                loss = loss + ops.cast(value, loss.dtype)
+        return loss
+
+    def _after_pass(self, y_pred, ctx):
+        """Writes the state the variant's `after_pass` returns."""
+        if overrides(self._active_variant, "after_pass"):
+            self._write_state(self._run_hook(
+                "after_pass", y_pred, self._state_values(), ctx))
+
+    def _decided(self, run, gradients, loss, ctx):
+        """`(run, ctx)` with the variant's `decide` taken into account (and
+        the state it returns written)."""
+        if not overrides(self._active_variant, "decide"):
+            return run, ctx
+        take, updates = self._run_hook("decide", gradients, loss,
+                                       self._state_values(), ctx)
+        self._write_state(updates)
+        if take is True or run is False:
+            decided = run
+        elif take is False:
+            decided = False
+        elif run is True:
+            decided = ops.convert_to_tensor(take)
+        else:
+            decided = ops.logical_and(run, take)
+        return decided, ctx.replace(second_pass=decided)
 
     def _one_pass(self, batch, ctx, rho):
         """The step of a variant without a clean pass: one pass at w + eps,
@@ -305,8 +397,25 @@ class SharedStep:
         """Copies of the variables' values, unaffected by later writes."""
         return [ops.copy(self._read(v)) for v in variables]
 
+    def _forward(self, x, weights):
+        """The model's output on `x` in inference mode, without gradient,
+        at `weights` (a list aligned with the trainable variables, `None`
+        entries for the weight itself); no state changes."""
+        changed = [(v, w) for v, w in zip(self.trainable_variables, weights)
+                   if w is not None]
+        saved = self._saved([v for v, _ in changed])
+        for v, w in changed:
+            self._write(v, ops.cast(w, v.dtype))
+        y_pred = self(x, training=False)
+        for (v, _), old in zip(changed, saved):
+            self._write(v, old)
+        return keras.tree.map_structure(ops.stop_gradient, y_pred)
+
     def _all_reduce_sum(self, tensors):
         return list(tensors)
+
+    def _all_gather(self, tensor):
+        return tensor
 
     def _num_replicas(self):
         return 1
@@ -324,8 +433,21 @@ class SharedStep:
 
     # -- the model's variables ----------------------------------------------
 
-    def _symbolic_build(self, *args, **kwargs):
-        super()._symbolic_build(*args, **kwargs)
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        variant = self._active_variant
+        if variant.uses_sample_index:
+            # Built from the inputs without the examples' indices.
+            if data_batch is None:
+                for _, _, data in iterator:
+                    data_batch = (data[0] if isinstance(data, (list, tuple))
+                                  else next(data))
+                    break
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
+                data_batch)
+            x = sample_index.split(x, True, type(variant).__name__)[0]
+            data_batch = keras.utils.pack_x_y_sample_weight(
+                x, y, sample_weight)
+        super()._symbolic_build(iterator=iterator, data_batch=data_batch)
         self._create_own_state()
 
     @property
@@ -347,14 +469,21 @@ class SharedStep:
         ]
 
     def _state_values(self):
-        """The variant's state: name -> values aligned with the weights."""
-        return {name: [self._read(v) for v in variables]
+        """The variant's state: name -> values aligned with the weights (one
+        value for its `extra_state`)."""
+        return {name: (self._read(variables)
+                       if not isinstance(variables, list)
+                       else [self._read(v) for v in variables])
                 for name, variables in self._variant_state().items()}
 
     def _write_state(self, updates):
         state = self._variant_state()
         for name, values in updates.items():
-            for variable, value in zip(state[name], values):
+            if not isinstance(state[name], list):
+                values, variables = [values], [state[name]]
+            else:
+                variables = state[name]
+            for variable, value in zip(variables, values):
                 if value is not None:
                     self._write(variable, ops.cast(value, "float32"))
 
@@ -379,7 +508,7 @@ class SharedStep:
         return ops.where(ops.logical_and(ops.isfinite(rho), rho > 0),
                          rho, 0.0)
 
-    def _context(self, rho, run):
+    def _context(self, rho, run, index=None):
         """The `StepContext` of this step, read before the update; also
         creates what is not yet built (a model built by its first pass)."""
         if not self.trainable_variables:
@@ -414,6 +543,8 @@ class SharedStep:
             second_pass=run, loss=None, adversarial_loss=None,
             update_applied=None, all_reduce_sum=self._all_reduce_sum,
             seed_generator=self._variant_seed_generator(),
+            all_gather=self._all_gather, sample_index=index,
+            teacher_prediction=None, weights=None,
         )
 
     def _has_step_schedule(self):
@@ -534,9 +665,8 @@ class SharedStep:
             off, off_updates = off_step()
             direction = [_select(run, a, b) for a, b in zip(on, off)]
             updates = {
-                name: [_select(run, on_updates.get(name, values)[i],
-                               off_updates.get(name, values)[i], v)
-                       for i, v in enumerate(values)]
+                name: _select_state(run, on_updates.get(name, values),
+                                    off_updates.get(name, values), values)
                 for name, values in state.items()
                 if name in on_updates or name in off_updates
             }
@@ -571,6 +701,10 @@ class SharedStep:
             deltas = self._after_apply(gradients, adversarial, ctx, before)
             if deltas is not None:
                 self._add_to_weights(deltas)
+        if overrides(self._active_variant, "after_update"):
+            self._write_state(self._run_hook(
+                "after_update", self._state_values(),
+                ctx.replace(weights=self._weights())))
 
     def _update_is_finite(self, adversarial_loss, descent):
         """Scalar boolean: L(w + eps) and the descent direction are finite
@@ -632,6 +766,9 @@ class SharedStep:
             )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs["sharpness"] = self._sharpness_tracker.result()
+        if overrides(self._active_variant, "decide"):
+            self._perturbed_tracker.update_state(ops.cast(run, "float32"))
+            logs["perturbed_steps"] = self._perturbed_tracker.result()
         return logs
 
     # -- checks and the host's choice of each step's kind --------------------
@@ -705,6 +842,14 @@ class SharedStep:
                 "GroupNormalization for per-example (1-SAM) ascent.",
                 stacklevel=3,
             )
+
+
+def _select_state(run, on, off, current):
+    """A state entry selected by `run` (a list per weight, or one tensor
+    for a variant's `extra_state`)."""
+    if not isinstance(current, list):
+        return _select(run, on, off, current)
+    return [_select(run, on[i], off[i], v) for i, v in enumerate(current)]
 
 
 def _select(run, on, off, default=None):

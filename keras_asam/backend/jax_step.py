@@ -108,9 +108,10 @@ class JaxTrainStep(SharedStep):
     @property
     def metrics_variables(self):
         variables = super().metrics_variables
-        tracker = self.__dict__.get("_sharpness_tracker")
-        if tracker is not None:
-            variables = variables + list(tracker.variables)
+        for name in ("_sharpness_tracker", "_perturbed_tracker"):
+            tracker = self.__dict__.get(name)
+            if tracker is not None:
+                variables = variables + list(tracker.variables)
         return variables
 
     # -- the passes -------------------------------------------------------
@@ -135,6 +136,29 @@ class JaxTrainStep(SharedStep):
 
     def _saved(self, variables):
         return [self._read(v) for v in variables]
+
+    def _forward(self, x, weights):
+        values = self._values
+        trainable = [w if new is None else new.astype(w.dtype)
+                     for w, new in zip(values.lists[0], weights)]
+        y_pred, _ = self.stateless_call(trainable, values.lists[1], x,
+                                        training=False)
+        return keras.tree.map_structure(jax.lax.stop_gradient, y_pred)
+
+    def _cond(self, pred, true_fn, false_fn):
+        """`lax.cond`, the step's values carried through the branches."""
+        values = self._values
+
+        def branch(fn):
+            def run(state):
+                values.lists = [list(group) for group in state]
+                return fn(), values.state()
+            return run
+
+        result, state = jax.lax.cond(pred, branch(true_fn), branch(false_fn),
+                                     values.state())
+        values.lists = [list(group) for group in state]
+        return result
 
     def _loop_over_parts(self, batch, body):
         """Parts of one size share a `lax.scan`; the non-trainable values

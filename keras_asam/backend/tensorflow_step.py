@@ -34,6 +34,9 @@ class TensorFlowTrainStep(SharedStep):
     def _all_reduce_sum(self, tensors):
         return distribute.all_reduce_sum(tensors)
 
+    def _all_gather(self, tensor):
+        return distribute.all_gather(tensor)
+
     def _num_replicas(self):
         return distribute.num_replicas()
 

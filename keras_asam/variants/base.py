@@ -77,6 +77,14 @@ class StepContext:
         seed_generator: The model's `keras.random.SeedGenerator` for a
             variant with `uses_seed = True`, else `None`. Under a
             `tf.distribute` strategy every replica draws the same numbers.
+        all_gather: Function of a tensor: the replicas' tensors joined
+            along the first axis, in replica order (the tensor itself
+            with one replica).
+        sample_index: Integer tensor of the batch's example indices, for
+            a variant with `uses_sample_index = True`, else `None`.
+        teacher_prediction: The output of the forward pass at
+            `teacher`'s weights, or `None`.
+        weights: Only in `after_update`: the weights after the update.
     """
 
     def __init__(self, **values):
@@ -121,6 +129,11 @@ class Variant:
             the model's state (the same numbers every step under JAX's
             jit).
 
+        uses_sample_index: Boolean. `True` for a variant that keeps state
+            per training example: `fit` then takes inputs that carry each
+            example's index (`keras_asam.indexed`), and the hooks get the
+            batch's indices as `ctx.sample_index`.
+
     Example: descend along a mix of the clean and adversarial gradients.
 
     ```python
@@ -144,6 +157,7 @@ class Variant:
     state_names = ()
     clean_pass = True
     uses_seed = False
+    uses_sample_index = False
     reads_clean_gradient = None
 
     def synced(self, options):
@@ -214,6 +228,80 @@ class Variant:
         (`None` entries: no correction).
         """
         return None
+
+    def extra_state(self):
+        """State that is not per weight: a dict from name to shape (a tuple
+        of ints). Each is one float32 variable, zero at first, created,
+        saved and passed to the hooks as `state[name]` (one tensor) like
+        the per-weight buffers; a hook returns its new value whole. For
+        example a buffer per training example, updated with
+        `keras.ops.scatter_update`. Defaults to `{}`."""
+        return {}
+
+    def decide(self, gradients, loss, state, ctx):
+        """Whether this step takes the perturbed pass, decided after the
+        clean pass. Defaults to `(True, {})`.
+
+        Called on every step with a clean pass (before `ascent`); the step
+        takes the pass where this and the schedules (`asam_every`,
+        `asam_probability`, rho > 0) both say so. A boolean tensor makes
+        the graph pick: the pass sits in a conditional and costs nothing
+        on the steps that skip it. Under a `tf.distribute` strategy the
+        decision must be the same on every replica: decide from
+        `ctx.all_reduce_sum` of what differs between them.
+
+        Args:
+            gradients: g, this replica's.
+            loss: The clean pass's loss (before loss scaling).
+            state: Dict of the stored state.
+            ctx: `StepContext`.
+
+        Returns:
+            `(take_pass, new_state)`: a Python bool or a boolean scalar
+            tensor, and a dict of the state to store.
+        """
+        return True, {}
+
+    def teacher(self, state, ctx):
+        """Weights of a forward pass without gradient before the step's
+        passes, or `None` (the default: none). Returns a list aligned with
+        the weights (`None` entries: the weight itself); the model runs in
+        inference mode there (BatchNorm with its moving statistics, no
+        dropout) and its output is `ctx.teacher_prediction` in `loss_term`
+        and `after_pass`. No state changes."""
+        return None
+
+    def loss_term(self, y_pred, y, sample_weight, state, ctx):
+        """A term added to the loss of each of the step's passes, or
+        `None` (the default). Its gradient flows through `y_pred`.
+
+        Args:
+            y_pred: The pass's predictions.
+            y: The targets.
+            sample_weight: The sample weights, or `None`.
+            state: Dict of the stored state.
+            ctx: `StepContext` (`sample_index`, `teacher_prediction`).
+
+        Returns:
+            A float scalar, the mean over this replica's examples (under a
+            `tf.distribute` strategy the step divides it by the number of
+            replicas, as Keras does with losses), or `None`.
+        """
+        return None
+
+    def after_pass(self, y_pred, state, ctx):
+        """New state from the predictions of the step's first pass (the
+        clean pass, or the one pass without one); e.g. a record per
+        training example (`ctx.sample_index`). Returns a dict of the state
+        to store. Defaults to `{}`."""
+        return {}
+
+    def after_update(self, state, ctx):
+        """New state after the optimizer's update, on every step:
+        `ctx.weights` holds the updated weights (e.g. an average of the
+        weights). Returns a dict of the state to store. Defaults to
+        `{}`."""
+        return {}
 
     def get_config(self):
         return {}

@@ -101,24 +101,83 @@ def step_result(variant, hook, result, count):
             f"{_describe(result)}"
         )
     direction, updates = result
-    direction = directions(variant, hook, direction, count)
-    unknown = sorted(set(updates) - set(variant.state_names))
+    return (directions(variant, hook, direction, count),
+            new_state(variant, hook, updates, count))
+
+
+def new_state(variant, hook, updates, count):
+    """The state dict a hook returned, checked: keys among the variant's
+    `state_names` (each a list of `count` entries) and its `extra_state`
+    (each a tensor)."""
+    name = type(variant).__name__
+    if not isinstance(updates, dict):
+        raise ValueError(
+            f"{name}.{hook} must return a dict of the state it changes "
+            f"(`{{}}` for none). Received: {_describe(updates)}"
+        )
+    extra = variant.extra_state()
+    unknown = sorted(set(updates) - set(variant.state_names) - set(extra))
     if unknown:
         raise ValueError(
-            f"{name}.{hook} returned state {unknown} that is not in "
-            f"{name}.state_names={tuple(variant.state_names)!r}: declare "
-            "each buffer there. Received: new_state with keys "
-            f"{sorted(updates)}"
+            f"{name}.{hook} returned state {unknown} that is neither in "
+            f"{name}.state_names={tuple(variant.state_names)!r} nor in "
+            f"its extra_state() {sorted(extra)}: declare each buffer "
+            f"there. Received: new_state with keys {sorted(updates)}"
         )
+    checked = {}
     for key, values in updates.items():
-        if not isinstance(values, _LIST) or len(values) != count:
+        if key in extra:
+            if values is not None and not hasattr(values, "shape"):
+                raise TypeError(
+                    f"{name}.{hook} must give its extra state {key!r} a "
+                    f"tensor of shape {tuple(extra[key])}. Received: "
+                    f"{_describe(values)}"
+                )
+            checked[key] = values
+        elif not isinstance(values, _LIST) or len(values) != count:
             raise ValueError(
                 f"{name}.{hook} must give each state name a list of {count} "
                 "values, one per trainable variable (`None` keeps one as "
                 f"it is). Received: new_state[{key!r}] = "
                 f"{_describe(values)}"
             )
-    return direction, {key: list(values) for key, values in updates.items()}
+        else:
+            checked[key] = list(values)
+    return checked
+
+
+def decision(variant, result, count):
+    """`decide`'s `(take_pass, new_state)`, checked."""
+    name = type(variant).__name__
+    if not isinstance(result, _LIST) or len(result) != 2:
+        raise ValueError(
+            f"{name}.decide must return a pair `(take_pass, new_state)`: "
+            "a Python bool or a boolean scalar tensor, and a dict of the "
+            f"state it changes. Received: {_describe(result)}"
+        )
+    take, updates = result
+    if not isinstance(take, bool) and not (
+            hasattr(take, "shape") and len(take.shape) == 0):
+        raise TypeError(
+            f"{name}.decide must decide with a Python bool or a boolean "
+            f"scalar tensor. Received: {_describe(take)}"
+        )
+    return take, new_state(variant, "decide", updates, count)
+
+
+def loss_term(variant, value):
+    """`loss_term`'s result, checked: `None` or a scalar tensor."""
+    if value is None:
+        return None
+    if not hasattr(value, "shape") or len(value.shape) != 0:
+        raise ValueError(
+            f"{type(variant).__name__}.loss_term must return a scalar "
+            "tensor (the term's mean over the batch) or `None`. Received: "
+            f"{_describe(value)}"
+            + (f" of shape {tuple(value.shape)}"
+               if hasattr(value, "shape") else "")
+        )
+    return value
 
 
 def checked(variant, hook, result, count):
@@ -128,4 +187,12 @@ def checked(variant, hook, result, count):
         return step_result(variant, hook, result, count)
     if hook == "after_apply":
         return corrections(variant, result, count)
+    if hook == "decide":
+        return decision(variant, result, count)
+    if hook == "loss_term":
+        return loss_term(variant, result)
+    if hook in ("after_pass", "after_update"):
+        return new_state(variant, hook, result, count)
+    if hook == "teacher" and result is None:
+        return None
     return directions(variant, hook, result, count)

@@ -78,7 +78,7 @@ class WrongCorrection(Variant):
               r"entries.*Received: a list of 3 entries"),
     (BareList(), r"BareList\.descent must return a pair "
                  r"`\(direction, new_state\)`"),
-    (UnknownState(), r"returned state \['b'\] that is not in "
+    (UnknownState(), r"returned state \['b'\] that is neither in "
                      r"UnknownState\.state_names=\('count',\)"),
     (OneTensorState(), r"new_state\['count'\]"),
     (ShortAscent(), r"ShortAscent\.ascent must return a direction"),
