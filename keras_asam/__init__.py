@@ -14,6 +14,7 @@ from keras_asam import (
     variants,
 )
 from keras_asam.model import ASAMModel, SAMModel
+from keras_asam.sample_index import indexed
 from keras_asam.sharpness import sharpness
 
 __version__ = "0.2.0"
@@ -24,6 +25,7 @@ __all__ = [
     "callbacks",
     "custom_loop",
     "directions",
+    "indexed",
     "perturbation",
     "schedules",
     "sharpness",

@@ -313,7 +313,10 @@ class SharedStep:
         present = [i for i, t in enumerate(like) if t is not None]
 
         def take(fn):
-            return lambda: [fn()[i] for i in present]
+            def taken():
+                values = fn()
+                return [values[i] for i in present]
+            return taken
 
         chosen = self._cond(pred, take(true_fn), take(false_fn))
         result = [None] * len(like)

@@ -1,0 +1,350 @@
+"""The step's extension points, each used by a small user variant and
+checked against an independent computation (same machine: to 1e-6):
+
+- `loss_term`: a term added to the passes' loss;
+- `decide`: the perturbed pass decided in the graph after the clean pass,
+  skipped in compute (a layer counts the passes);
+- `teacher`: a forward pass at other weights, without gradient;
+- `extra_state` with `uses_sample_index`: a buffer per training example,
+  written with scatter updates through `keras_asam.indexed`;
+- `after_update`: state updated from the weights after each update.
+
+The module runs natively on the active backend; on TensorFlow it also runs
+itself under JAX (and, under the `torch` marker, PyTorch) in one
+subprocess each, and the decision under a two-replica `MirroredStrategy`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_asam
+from keras_asam.variants import Variant
+
+TOLERANCE = 1e-6
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+BACKEND = keras.backend.backend()
+N, FEATURES, OUTPUTS, LR = 12, 3, 2, 0.1
+
+
+@keras.saving.register_keras_serializable(package="keras_asam_tests")
+class Penalized(Variant):
+    """One pass per step; the loss gets `lmbda * mean(y_pred^2)`."""
+
+    def __init__(self, lmbda=0.5):
+        self.lmbda = lmbda
+
+    def decide(self, gradients, loss, state, ctx):
+        return False, {}
+
+    def loss_term(self, y_pred, y, sample_weight, state, ctx):
+        return self.lmbda * keras.ops.mean(keras.ops.square(y_pred))
+
+    def get_config(self):
+        return {"lmbda": self.lmbda}
+
+
+@keras.saving.register_keras_serializable(package="keras_asam_tests")
+class Gate(Variant):
+    """Takes the perturbed pass where the (all-reduced) clean loss is at
+    least `threshold`."""
+
+    def __init__(self, threshold=0.0):
+        self.threshold = threshold
+
+    def decide(self, gradients, loss, state, ctx):
+        total = ctx.all_reduce_sum([keras.ops.convert_to_tensor(loss)])[0]
+        return total >= self.threshold, {}
+
+    def get_config(self):
+        return {"threshold": self.threshold}
+
+
+@keras.saving.register_keras_serializable(package="keras_asam_tests")
+class TowardsBias(Variant):
+    """One pass; the loss gets `mean((y_pred - t)^2)`, t the output with
+    every kernel at zero (the teacher's weights)."""
+
+    def decide(self, gradients, loss, state, ctx):
+        return False, {}
+
+    def teacher(self, state, ctx):
+        return [keras.ops.zeros((FEATURES, OUTPUTS)), None]
+
+    def loss_term(self, y_pred, y, sample_weight, state, ctx):
+        return keras.ops.mean(keras.ops.square(
+            y_pred - ctx.teacher_prediction))
+
+
+@keras.saving.register_keras_serializable(package="keras_asam_tests")
+class Recorder(Variant):
+    """Counts each example's visits and keeps its latest prediction."""
+
+    uses_sample_index = True
+
+    def decide(self, gradients, loss, state, ctx):
+        return False, {}
+
+    def extra_state(self):
+        return {"visits": (N,), "latest": (N, OUTPUTS)}
+
+    def after_pass(self, y_pred, state, ctx):
+        index = ctx.all_gather(ctx.sample_index)
+        y_pred = ctx.all_gather(keras.ops.cast(y_pred, "float32"))
+        index = keras.ops.expand_dims(keras.ops.cast(index, "int32"), -1)
+        visits = keras.ops.scatter_update(
+            state["visits"], index,
+            keras.ops.take(state["visits"], index[:, 0]) + 1.0)
+        latest = keras.ops.scatter_update(state["latest"], index, y_pred)
+        return {"visits": visits, "latest": latest}
+
+
+@keras.saving.register_keras_serializable(package="keras_asam_tests")
+class Average(Variant):
+    """avg <- (avg + w) / 2 after every update."""
+
+    state_names = ("avg",)
+
+    def after_update(self, state, ctx):
+        return {"avg": [0.5 * (a + w) for a, w in
+                        zip(state["avg"], ctx.weights)]}
+
+
+class Count(keras.layers.Layer):
+    """Identity that counts its calls in training (an integer variable:
+    the perturbed pass does not roll it back)."""
+
+    def build(self, input_shape):
+        self.calls = self.add_weight(shape=(), dtype="int32",
+                                     initializer="zeros", trainable=False)
+
+    def call(self, inputs, training=None):
+        if training:
+            self.calls.assign(self.calls + 1)
+        return inputs
+
+
+def data():
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(N, FEATURES)).astype("float32"),
+            rng.normal(size=(N, OUTPUTS)).astype("float32"))
+
+
+def linear_model(variant, counter=False, jit_compile=False, lr=LR,
+                 rho=0.5):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((FEATURES,))
+    hidden = Count()(inputs) if counter else inputs
+    network = keras.Model(inputs, keras.layers.Dense(OUTPUTS)(hidden))
+    model = keras_asam.ASAMModel(network, rho=rho, variant=variant)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse",
+                  jit_compile=jit_compile)
+    return model
+
+
+def weights(model):
+    return [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+
+def sgd_step(kernel, bias, x, y, extra_gradient):
+    """One SGD step on mse + a term whose gradient in y_pred is
+    `extra_gradient(y_pred)`."""
+    y_pred = x @ kernel + bias
+    d = 2 * (y_pred - y) / y.size + extra_gradient(y_pred)
+    return kernel - LR * x.T @ d, bias - LR * d.sum(0)
+
+
+def jit_modes():
+    return [False, True] if BACKEND == "tensorflow" else [None]
+
+
+@pytest.mark.parametrize("jit_compile", jit_modes())
+def test_loss_term_is_added_to_the_loss(jit_compile):
+    x, y = data()
+    model = linear_model(Penalized(0.5), jit_compile=bool(jit_compile))
+    kernel, bias = weights(model)
+    history = model.fit(x, y, batch_size=N, epochs=1, verbose=0,
+                        shuffle=False)
+    want = sgd_step(kernel, bias, x, y,
+                    lambda p: 2 * 0.5 * p / p.size)
+    for got, expected in zip(weights(model), want):
+        np.testing.assert_allclose(got, expected, rtol=TOLERANCE,
+                                   atol=TOLERANCE)
+    y_pred = x @ kernel + bias
+    logged = np.mean((y_pred - y) ** 2) + 0.5 * np.mean(y_pred ** 2)
+    np.testing.assert_allclose(history.history["loss"][0], logged,
+                               rtol=TOLERANCE)
+
+
+@pytest.mark.parametrize("jit_compile", jit_modes())
+def test_decision_skips_the_perturbed_pass_in_compute(jit_compile):
+    x, y = data()
+    counts, steps = {}, {}
+    for name, threshold in (("never", 1e9), ("always", -1.0)):
+        model = linear_model(Gate(threshold), counter=True,
+                             jit_compile=bool(jit_compile))
+        start = weights(model)
+        history = model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                            shuffle=False)
+        counter = model.wrapped_model.layers[1].calls
+        counts[name] = int(keras.ops.convert_to_numpy(counter))
+        steps[name] = history.history["perturbed_steps"][0]
+        if name == "never":
+            kernel, bias = start
+            for k in range(3):
+                kernel, bias = sgd_step(kernel, bias, x[4 * k:4 * k + 4],
+                                        y[4 * k:4 * k + 4], lambda p: 0)
+            want = [kernel, bias]
+        else:
+            plain = linear_model(None, counter=True,
+                                 jit_compile=bool(jit_compile))
+            plain.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                      shuffle=False)
+            want = weights(plain)
+        for got, expected in zip(weights(model), want):
+            np.testing.assert_allclose(got, expected, rtol=TOLERANCE,
+                                       atol=TOLERANCE)
+    # 3 steps: one pass each, or two.
+    assert counts == {"never": 3, "always": 6}
+    assert steps == {"never": 0.0, "always": 1.0}
+
+
+def test_teacher_prediction_comes_from_other_weights():
+    x, y = data()
+    model = linear_model(TowardsBias())
+    kernel, bias = weights(model)
+    model.fit(x, y, batch_size=N, epochs=1, verbose=0, shuffle=False)
+    # t = bias (every kernel zero), without gradient.
+    want = sgd_step(kernel, bias, x, y,
+                    lambda p: 2 * (p - bias) / p.size)
+    for got, expected in zip(weights(model), want):
+        np.testing.assert_allclose(got, expected, rtol=TOLERANCE,
+                                   atol=TOLERANCE)
+
+
+def test_per_example_state_follows_shuffled_examples():
+    x, y = data()
+    model = linear_model(Recorder(), lr=0.0)
+    model.fit(keras_asam.indexed(x), y, batch_size=5, epochs=2, verbose=0,
+              shuffle=True)
+    state = model.variant_state
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(state["visits"]), np.full(N, 2.0))
+    # With a learning rate of 0 the latest record of each example is its
+    # prediction.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(state["latest"]),
+        model.predict(x, verbose=0), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_per_example_state_needs_the_index():
+    x, y = data()
+    model = linear_model(Recorder())
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"keras_asam\.indexed\(x\)"):
+        model.fit(x, y, batch_size=5, epochs=1, verbose=0)
+    for got, expected in zip(weights(model), before):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data")
+def test_per_example_state_from_a_dataset():
+    import tensorflow as tf
+
+    x, y = data()
+    model = linear_model(Recorder(), lr=0.0)
+    dataset = keras_asam.indexed(tf.data.Dataset.from_tensor_slices((x, y)))
+    model.fit(dataset.shuffle(N, seed=1).batch(5), epochs=2, verbose=0)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model.variant_state["visits"]),
+        np.full(N, 2.0))
+
+
+def test_state_after_each_update():
+    x, y = data()
+    model = linear_model(Average())
+    average = [np.zeros_like(w) for w in weights(model)]
+    for k in range(3):
+        model.fit(x[4 * k:4 * k + 4], y[4 * k:4 * k + 4], batch_size=4,
+                  epochs=1, verbose=0)
+        average = [0.5 * (a + w) for a, w in zip(average, weights(model))]
+    for got, expected in zip(model.variant_state["avg"], average):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
+                                   expected, rtol=TOLERANCE,
+                                   atol=TOLERANCE)
+
+
+def _run_module_on(backend):
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "-m", "", os.path.abspath(__file__)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, KERAS_BACKEND=backend,
+                 TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="started from TF")
+def test_the_same_on_jax():
+    _run_module_on("jax")
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="started from TF")
+def test_the_same_on_torch():
+    pytest.importorskip("torch")
+    _run_module_on("torch")
+
+
+_MIRRORED = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np, keras_asam
+from tests.variants.test_extension_points import (
+    Gate, Recorder, data, linear_model, N)
+strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+x, y = data()
+result = {}
+with strategy.scope():
+    gate = linear_model(Gate(0.0), counter=True)
+    recorder = linear_model(Recorder(), lr=0.0)
+history = gate.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+recorder.fit(keras_asam.indexed(x), y, batch_size=4, epochs=2, verbose=0)
+def equal(v):
+    r = strategy.experimental_local_results(v.value)
+    return all(np.array_equal(np.asarray(r[0]), np.asarray(p)) for p in r)
+print(json.dumps({
+    "perturbed_steps": history.history["perturbed_steps"][0],
+    "replicas_equal": all(equal(v) for v in gate.trainable_variables
+                          + list(recorder.variant_state.values())),
+    "visits": np.asarray(strategy.experimental_local_results(
+        recorder.variant_state["visits"].value)[0]).tolist()}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute")
+def test_decision_and_per_example_state_under_mirrored_strategy():
+    done = subprocess.run(
+        [sys.executable, "-c", _MIRRORED, ROOT], capture_output=True,
+        text=True, timeout=600,
+        env=dict(os.environ, KERAS_BACKEND="tensorflow",
+                 TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # Every step's loss is >= 0: all took the pass, on both replicas.
+    assert result["perturbed_steps"] == 1.0
+    assert result["replicas_equal"]
+    assert result["visits"] == [2.0] * N
