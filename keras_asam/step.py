@@ -795,6 +795,8 @@ class SharedStep:
             return
         self._check_trainable()
         self._perturbed_mask(self.trainable_variables)
+        if self.variant is not None:
+            self.variant.check_model(self.wrapped_model or self)
 
     def _host_runs_perturbed_pass(self, step):
         if self._rho_schedule is None and self._rho_on_host == 0:

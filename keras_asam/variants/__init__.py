@@ -5,12 +5,15 @@ Each variant is one module, written once with `keras.ops`; the model's step
 base class to write your own (see its docstring).
 """
 
+from keras_asam.variants.aesam import AESAM
 from keras_asam.variants.base import StepContext, Variant, dot
 from keras_asam.variants.friendly import FriendlySAM
 from keras_asam.variants.gsam import GSAM
 from keras_asam.variants.looksam import LookSAM
+from keras_asam.variants.mesa import MESA
 from keras_asam.variants.momentum import MomentumSAM
+from keras_asam.variants.saf import SAF
 from keras_asam.variants.wsam import WSAM
 
-__all__ = ["FriendlySAM", "GSAM", "LookSAM", "MomentumSAM", "StepContext",
-           "Variant", "WSAM", "dot"]
+__all__ = ["AESAM", "FriendlySAM", "GSAM", "LookSAM", "MESA", "MomentumSAM",
+           "SAF", "StepContext", "Variant", "WSAM", "dot"]

@@ -175,6 +175,12 @@ class Variant:
         or warns where it was not made for it. Called before training
         starts."""
 
+    def check_model(self, model):
+        """Raises `ValueError` if this variant cannot train `model` (for
+        example one that needs a classifier's logits). Called before
+        training starts, on the built network (the wrapped model, or the
+        `ASAMModel` itself when subclassed)."""
+
     def ascent(self, gradients, state, ctx):
         """The direction eps is built from. Defaults to g.
 
