@@ -62,7 +62,8 @@ def check_logits(variant, model, num_classes=None):
                 else "softmax")
         raise ValueError(
             f"{name} needs logits: the model's output layer "
-            f"`{layer.name}` applies {kind}. Remove it and compile with `from_logits=True`, e.g. "
+            f"`{layer.name}` applies {kind}. Remove it and compile with "
+            "`from_logits=True`, e.g. "
             "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`"
         )
 
