@@ -547,7 +547,7 @@ class SharedStep:
             update_applied=None, all_reduce_sum=self._all_reduce_sum,
             seed_generator=self._variant_seed_generator(),
             all_gather=self._all_gather, sample_index=index,
-            teacher_prediction=None, weights=None,
+            teacher_prediction=None, weights=self._weights(),
         )
 
     def _has_step_schedule(self):

@@ -84,7 +84,8 @@ class StepContext:
             a variant with `uses_sample_index = True`, else `None`.
         teacher_prediction: The output of the forward pass at
             `teacher`'s weights, or `None`.
-        weights: Only in `after_update`: the weights after the update.
+        weights: The trainable weights' values at the start of the step
+            (in `after_update`: after the update).
     """
 
     def __init__(self, **values):

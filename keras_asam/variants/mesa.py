@@ -23,7 +23,8 @@ class MESA(Variant):
     z_i is the model's logits on example i, f_v(x_i) the output at the
     averaged weights v: one forward pass without gradient per step, in
     inference mode (BatchNorm uses the model's moving statistics, no
-    dropout). v starts as the weights after the first update; the term
+    dropout). v starts as the weights after the first update (the teacher
+    of the first step is the model itself); the term
     applies from train step `start` on (`model.train_steps`; the reference
     code starts after epoch 5: `start = 5 * steps_per_epoch`).
 
@@ -71,7 +72,10 @@ class MESA(Variant):
         return False, {}
 
     def teacher(self, state, ctx):
-        return state["average"]
+        # Before the first update there is no average: the weights.
+        first = ops.equal(ctx.step, 0)
+        return [ops.where(first, ops.cast(w, "float32"), v)
+                for v, w in zip(state["average"], ctx.weights)]
 
     def loss_term(self, y_pred, y, sample_weight, state, ctx):
         distillation.check_shape(self, y_pred.shape)

@@ -9,9 +9,9 @@ checked against an independent computation (same machine: to 1e-6):
   written with scatter updates through `keras_asam.indexed`;
 - `after_update`: state updated from the weights after each update.
 
-The module runs natively on the active backend; on TensorFlow it also runs
-itself under JAX (and, under the `torch` marker, PyTorch) in one
-subprocess each, and the decision under a two-replica `MirroredStrategy`.
+The module runs natively on the active backend (`tests/test_native.py`
+runs it under JAX, and PyTorch under the `torch` marker), and on
+TensorFlow the decision under a two-replica `MirroredStrategy`.
 """
 
 import json
@@ -278,30 +278,6 @@ def test_state_after_each_update():
         np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
                                    expected, rtol=TOLERANCE,
                                    atol=TOLERANCE)
-
-
-def _run_module_on(backend):
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-m", "", os.path.abspath(__file__)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env=dict(os.environ, KERAS_BACKEND=backend,
-                 TF_CPP_MIN_LOG_LEVEL="3"))
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "skipped" in done.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="started from TF")
-def test_the_same_on_jax():
-    _run_module_on("jax")
-
-
-@pytest.mark.torch
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="started from TF")
-def test_the_same_on_torch():
-    pytest.importorskip("torch")
-    _run_module_on("torch")
 
 
 _MIRRORED = """

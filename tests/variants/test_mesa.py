@@ -1,0 +1,67 @@
+"""MESA against a NumPy reference of its teacher and average."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_asam.variants import MESA
+from tests.variants.distill_common import (
+    BATCH,
+    N,
+    assert_close,
+    classifier,
+    data,
+    kl_gradient,
+    sgd,
+    weights,
+)
+
+
+def reference(kernel, bias, x, labels, steps, lmbda, temperature, decay,
+              start):
+    average = None
+    for step in range(steps):
+        first = (step * BATCH) % N
+        index = np.arange(first, first + BATCH)
+        teacher = ([kernel, bias] if average is None else average)
+        t = x[index] @ teacher[0] + teacher[1]
+        z = x[index] @ kernel + bias
+        active = np.full(BATCH, float(step >= start))
+        extra = lmbda * kl_gradient(t, z, temperature, active)
+        kernel, bias = sgd(kernel, bias, x[index], labels[index], extra)
+        average = ([kernel, bias] if average is None else
+                   [decay * v + (1 - decay) * w
+                    for v, w in zip(average, [kernel, bias])])
+    return [kernel, bias], average
+
+
+def test_matches_the_reference_loop():
+    x, labels = data()
+    settings = dict(lmbda=0.8, temperature=2.0, decay=0.5, start=2)
+    model = classifier(MESA(**settings))
+    start = weights(model)
+    model.fit(x, labels, batch_size=BATCH, epochs=3, verbose=0,
+              shuffle=False)
+    want, average = reference(*start, x, labels, steps=9, **settings)
+    assert_close(weights(model), want)
+    assert_close([keras.ops.convert_to_numpy(v).astype(np.float64)
+                  for v in model.variant_state["average"]], average)
+
+
+@pytest.mark.parametrize("arguments, match", [
+    (dict(lmbda=-0.1), "lmbda"),
+    (dict(decay=1.0), "decay"),
+    (dict(start=1.5), "start"),
+])
+def test_bad_arguments_name_the_argument(arguments, match):
+    with pytest.raises(ValueError, match=match):
+        MESA(**arguments)
+
+
+def test_needs_logits():
+    x, labels = data()
+    model = classifier(MESA(), activation="softmax")
+    before = weights(model)
+    with pytest.raises(ValueError, match="needs logits"):
+        model.fit(x, labels, batch_size=BATCH, epochs=1, verbose=0)
+    assert_close(weights(model), before)
