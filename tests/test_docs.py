@@ -61,7 +61,7 @@ def test_docs_code_blocks_run(tmp_path):
 
 def public_names():
     names = {f"keras_asam.{n}" for n in ("ASAMModel", "SAMModel",
-                                         "sharpness")}
+                                         "sharpness", "indexed")}
     names |= {f"keras_asam.variants.{n}"
               for n in keras_asam.variants.__all__}
     for module in ("callbacks", "custom_loop", "perturbation", "schedules",
