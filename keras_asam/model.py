@@ -1,7 +1,7 @@
 """`ASAMModel` and `SAMModel`: Keras models that train with (A)SAM in `fit`.
 
 This module holds the construction, hyperparameters, the variant's state
-and the configuration. The step is `keras_asam/step.py` (what every backend
+and the configuration. The step is `keras_asam/step/` (what every backend
 shares) plus one mixin per backend in `backend/` (the plumbing); the maths
 is in `perturbation.py` and the variants in `variants/`.
 """

@@ -1,6 +1,6 @@
 """The train step's plumbing for the active Keras backend.
 
-The step itself is written once, in `keras_asam/step.py`; what differs
+The step itself is written once, in `keras_asam/step/`; what differs
 between backends is how a gradient at w + eps is taken and how state is
 kept or restored. One module per backend holds it, the way Keras splits
 `keras/src/backend/<name>/trainer.py`:

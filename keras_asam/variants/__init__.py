@@ -1,7 +1,7 @@
 """The SAM family as objects: `ASAMModel(..., variant=...)`.
 
 Each variant is one module, written once with `keras.ops`; the model's step
-(`keras_asam/step.py`) calls its hooks on every backend. `Variant` is the
+(`keras_asam/step/`) calls its hooks on every backend. `Variant` is the
 base class to write your own (see its docstring).
 """
 

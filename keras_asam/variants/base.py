@@ -1,6 +1,6 @@
 """`Variant`: what a member of the SAM family changes in the (A)SAM step.
 
-The step, written once for every backend (`keras_asam/step.py`), is
+The step, written once for every backend (`keras_asam/step/`), is
 
     g     = grad L(w)                          clean pass (skipped when
                                                `clean_pass` is False)

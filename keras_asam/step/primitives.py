@@ -1,0 +1,121 @@
+"""What a backend provides to the step: its primitives, declared here with
+their contracts and the defaults of a backend that assigns variables."""
+
+import contextlib
+
+import keras
+from keras import ops
+
+
+class Primitives:
+    """The primitives of the step (a mixin); a backend's mixin
+    (`keras_asam/backend/<name>_step.py`) overrides them."""
+
+
+    def _pass(self, part, eps=None, discard=()):
+        """Forward and backward pass on `part`, an `(x, y, sample_weight)`,
+        at w + eps (`eps`: a list aligned with the trainable variables,
+        `None` entries and `eps=None` for none), the weights then exactly
+        w again. Updates the model's state as a call does (BatchNorm
+        statistics, per-output loss metrics), then restores the variables
+        in `discard`.
+
+        Returns:
+            `(y_pred, loss, gradients)`: the loss before loss scaling (under
+            a `tf.distribute` strategy divided by the number of replicas, as
+            Keras computes it) and its gradients as a `LossScaleOptimizer`
+            scales it, aligned with `self.trainable_variables`.
+        """
+        raise NotImplementedError
+
+    def _loop_over_parts(self, batch, body):
+        """Calls `body(part, size)` for each of `num_batch_splits` parts of
+        `batch` in order (sizes as in `numpy.array_split`; `size` a Python
+        int or an integer tensor). `body` returns `(y_pred, g, g_adv,
+        sharpness)` of its part.
+
+        Returns:
+            `(y_pred, g, g_adv, sharpness)`: the parts' predictions joined,
+            and the size-weighted sums of the others (`add_weighted`).
+        """
+        raise NotImplementedError
+
+    def _cond(self, pred, true_fn, false_fn):
+        """`true_fn()` if the boolean scalar `pred` holds, else
+        `false_fn()`; both return lists of tensors of the same shapes. Only
+        the branch taken is computed."""
+        return true_fn() if bool(pred) else false_fn()
+
+    def _runs_perturbed_pass(self, rho, choice):
+        """Whether this step takes the perturbed pass: a Python bool, or a
+        boolean scalar tensor where the graph picks it. Defaults to the
+        host's `choice`."""
+        return True if choice is None else choice
+
+    def _can_recompute_clean_gradient(self):
+        """Whether recomputing g (rarely) saves memory over keeping it
+        through the perturbed pass: not where a compiler or eager execution
+        keeps it anyway."""
+        return False
+
+    def _check_split_batch(self):
+        """Raises where `num_batch_splits` cannot run on this backend."""
+
+    def _batch_loss(self, x, y, y_pred, sample_weight):
+        """The loss of the batch from `y_pred` (updates the per-output loss
+        metrics)."""
+        return self._compute_loss(x=x, y=y, y_pred=y_pred,
+                                  sample_weight=sample_weight, training=True)
+
+    def _apply(self, descent, finite):
+        """The optimizer's update along `descent`; none where `finite` (a
+        boolean scalar, `None` for always) is false."""
+        raise NotImplementedError
+
+    def _add_to_weights(self, deltas):
+        """w <- w + deltas (`None` entries: unchanged)."""
+        raise NotImplementedError
+
+    def _read(self, variable):
+        return variable.value
+
+    def _write(self, variable, value):
+        variable.assign(value)
+
+    def _saved(self, variables):
+        """Copies of the variables' values, unaffected by later writes."""
+        return [ops.copy(self._read(v)) for v in variables]
+
+    def _forward(self, x, weights):
+        """The model's output on `x` in inference mode, without gradient,
+        at `weights` (a list aligned with the trainable variables, `None`
+        entries for the weight itself); no state changes."""
+        changed = [(v, w) for v, w in zip(self.trainable_variables, weights)
+                   if w is not None]
+        saved = self._saved([v for v, _ in changed])
+        for v, w in changed:
+            self._write(v, ops.cast(w, v.dtype))
+        y_pred = self(x, training=False)
+        for (v, _), old in zip(changed, saved):
+            self._write(v, old)
+        return keras.tree.map_structure(ops.stop_gradient, y_pred)
+
+    def _all_reduce_sum(self, tensors):
+        return list(tensors)
+
+    def _all_gather(self, tensor):
+        return tensor
+
+    def _num_replicas(self):
+        return 1
+
+    def _unscale_loss(self, loss):
+        return loss
+
+    def _optimizer_scope(self):
+        return contextlib.nullcontext()
+
+    def _hook_scope(self):
+        """A scope around the variant's hooks in which the seed generator's
+        state reads and writes the step's value (JAX's stateless step)."""
+        return contextlib.nullcontext()

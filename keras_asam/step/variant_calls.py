@@ -1,0 +1,142 @@
+"""The variant's hooks as the step calls them: checked against their
+contract, and their reach into the step (a teacher's forward pass, a loss
+term, the decision on the perturbed pass, state from the first pass); the
+ascent and eps."""
+
+import contextlib
+
+from keras import ops
+
+from keras_asam import selection
+from keras_asam.perturbation import is_bias, perturbation
+from keras_asam.variants import contract
+from keras_asam.variants.base import (
+    overrides,
+)
+
+
+class VariantCalls:
+    """Calls of the variant's hooks (a mixin)."""
+
+
+    def _reaches_clean_pass(self):
+        """Whether the variant changes the clean pass (a teacher, a loss
+        term)."""
+        return any(overrides(self._active_variant, hook)
+                   for hook in ("teacher", "loss_term"))
+
+    def _with_teacher(self, x, ctx):
+        """`ctx` with the prediction at the variant's `teacher` weights
+        (inference mode, no gradient), if it names any."""
+        if not overrides(self._active_variant, "teacher"):
+            return ctx
+        weights = self._run_hook("teacher", self._state_values(), ctx)
+        if weights is None:
+            return ctx
+        return ctx.replace(teacher_prediction=self._forward(x, weights))
+
+    @contextlib.contextmanager
+    def _loss_term_for(self, ctx):
+        """A scope in which the passes' loss includes the variant's
+        `loss_term` (divided by the number of replicas, as Keras' losses
+        are)."""
+        if not overrides(self._active_variant, "loss_term"):
+            yield
+            return
+        state = self._state_values()
+        replicas = self._num_replicas()
+
+        def term(y, y_pred, sample_weight):
+            value = self._run_hook("loss_term", y_pred, y, sample_weight,
+                                   state, ctx)
+            if value is None or replicas == 1:
+                return value
+            return value / replicas
+
+        self._pass_loss_term = term
+        try:
+            yield
+        finally:
+            self._pass_loss_term = None
+
+    def _compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                      training=True):
+        loss = super()._compute_loss(x=x, y=y, y_pred=y_pred,
+                                     sample_weight=sample_weight,
+                                     training=training)
+        term = self.__dict__.get("_pass_loss_term")
+        if term is not None and training:
+            value = term(y, y_pred, sample_weight)
+            if value is not None:
+                loss = loss + ops.cast(value, loss.dtype)
+        return loss
+
+    def _after_pass(self, y_pred, ctx):
+        """Writes the state the variant's `after_pass` returns."""
+        if overrides(self._active_variant, "after_pass"):
+            self._write_state(self._run_hook(
+                "after_pass", y_pred, self._state_values(), ctx))
+
+    def _decided(self, run, gradients, loss, ctx):
+        """`(run, ctx)` with the variant's `decide` taken into account (and
+        the state it returns written)."""
+        if not overrides(self._active_variant, "decide"):
+            return run, ctx
+        take, updates = self._run_hook("decide", gradients, loss,
+                                       self._state_values(), ctx)
+        self._write_state(updates)
+        if take is True or run is False:
+            decided = run
+        elif take is False:
+            decided = False
+        elif run is True:
+            decided = ops.convert_to_tensor(take)
+        else:
+            decided = ops.logical_and(run, take)
+        return decided, ctx.replace(second_pass=decided)
+
+    # -- the ascent ----------------------------------------------------------
+
+    def _perturbed_mask(self, variables):
+        """Which of `variables` the ascent moves (`perturb=`)."""
+        return selection.selected(self.options.perturb, self, variables)
+
+    def _ascent(self, gradients, ctx):
+        """The direction eps is built from: g (all-reduced with
+        `sync_perturbation`), as the variant changes it; its stored state
+        alone on a step without a clean pass."""
+        variant = self._active_variant
+        if not variant.clean_pass:
+            return self._run_hook("pre_pass", self._state_values(), ctx)
+        if self.options.sync_perturbation:
+            gradients = self._all_reduce_sum(gradients)
+        if overrides(variant, "ascent"):
+            return self._run_hook("ascent", gradients, self._state_values(),
+                                  ctx)
+        return gradients
+
+    def _run_hook(self, hook, *args):
+        """The variant's `hook` called with `args` (inside `_hook_scope`),
+        its result checked against the hook's contract."""
+        variant = self._active_variant
+        with self._hook_scope():
+            result = getattr(variant, hook)(*args)
+        return contract.checked(variant, hook, result,
+                                len(self.trainable_variables))
+
+    def _eps(self, gradients, values, rho):
+        """eps for the trainable variables (values aligned with
+        `self.trainable_variables`), with this model's hyperparameters."""
+        variables = self.trainable_variables
+        mask = self._perturbed_mask(variables)
+        return perturbation(
+            [g if chosen else None for g, chosen in zip(gradients, mask)],
+            values,
+            rho=rho,
+            scaled=[not is_bias(v.path) for v in variables],
+            adaptive=self.options.adaptive,
+            eta=self.options.eta,
+            normalization=self.options.normalization,
+            p=self.options.p,
+            fused=bool(self.jit_compile),
+        )
