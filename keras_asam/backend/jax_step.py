@@ -1,27 +1,15 @@
-"""The train step of `ASAMModel` on JAX: the plumbing, stateless.
+"""The step's primitives on JAX: stateless.
 
-`keras_asam/step.py` holds the step itself, once for every backend. This
-mixin mirrors `keras/src/backend/jax/trainer.py`: `train_step(state, data)`
-takes and returns the values of the trainable, non-trainable, optimizer
-and metric variables. During a step those values are held in `_Values`,
-which `_read` and `_write` use, so the shared step reads and writes
-variables as on the other backends. The perturbed pass is a second
-gradient at w + eps from values: nothing is assigned or restored. It
-starts from the non-trainable values the clean pass returned; its changes
-to float non-trainable values (BatchNorm statistics) are dropped unless
-`keep_perturbed_state`, and its metric updates are dropped.
-
-Each step's kind (with or without the perturbed pass) is picked on the
-host from the model's count of train steps: two jitted step functions, no
-conditional around the pass and no host read inside the step. The
-`sharpness` mean is kept out of `self.metrics`; its variables join the
-metric variables of the state through `metrics_variables`.
-
-Under `keras.distribution.DataParallel` the jitted step computes the loss
-of the global batch, so the ascent uses the global-batch gradient (what
-`sync_perturbation=True` means on TensorFlow). With `num_batch_splits = n`
-the (global) batch is cut into n parts, sizes as in `numpy.array_split`
-and static at trace time; parts of equal size go through one `lax.scan`.
+`keras_asam/step/` holds the step, once for every backend. This mixin
+mirrors `keras/src/backend/jax/trainer.py`: `train_step(state, data)` takes
+and returns the values of the trainable, non-trainable, optimizer and
+metric variables, held during the step in `_Values` (which `_read` and
+`_write` use). A pass is a gradient at w + eps from values: nothing is
+assigned or restored. Each step's kind is picked on the host (two jitted
+step functions), or in the graph by a variant's `decide` (`lax.cond`).
+Under `keras.distribution.DataParallel` the step sees the global batch, so
+the ascent uses the global-batch gradient; the parts of a split batch have
+static sizes, and parts of equal size go through one `lax.scan`.
 """
 
 import contextlib
@@ -36,59 +24,67 @@ from keras_asam.step import SharedStep, add_weighted
 
 
 class _Values:
-    """The values of the model's variables during one traced step."""
+    """The values of the model's variables during one traced step, in the
+    groups of Keras' JAX state: `trainable`, `non_trainable`, `optimizer`
+    and `metrics` (lists aligned with the model's variables)."""
 
-    def __init__(self, model, state):
-        trainable, non_trainable, optimizer, metrics = state
-        self.lists = [list(trainable), list(non_trainable), list(optimizer),
-                      list(metrics)]
-        self.where = model._value_index()
+    GROUPS = ("trainable", "non_trainable", "optimizer", "metrics")
+
+    def __init__(self, state, where):
+        self.set(state)
+        self.where = where  # id(variable) -> (group, index)
 
     def state(self):
-        return tuple(self.lists)
+        return tuple(getattr(self, group) for group in self.GROUPS)
+
+    def set(self, state):
+        for group, values in zip(self.GROUPS, state):
+            setattr(self, group, list(values))
 
 
 class JaxTrainStep(SharedStep):
     """`train_step` of `ASAMModel` for the JAX backend (a mixin)."""
 
+    _values = None  # The step's `_Values` while it is traced.
+
     def train_step(self, state, data, run=True):
         """One step; `run` (a Python bool picked on the host) says whether
         it takes the perturbed pass."""
         self._check_trainable()
-        values = _Values(self, state)
-        object.__setattr__(self, "_values", values)
+        self._values = _Values(state, self._value_index())
         try:
-            return self._step(data, run), values.state()
+            return self._step(data, run), self._values.state()
         finally:
-            object.__setattr__(self, "_values", None)
+            self._values = None
 
     # -- values ---------------------------------------------------------------
 
     def _value_index(self):
-        """id(variable) -> (list, index) in the step's state."""
+        """id(variable) -> (group, index) in the step's state."""
         groups = (self.trainable_variables, self.non_trainable_variables,
                   self.optimizer.variables, self.metrics_variables)
-        return {id(v): (k, i) for k, group in enumerate(groups)
+        return {id(v): (name, i) for name, group in zip(_Values.GROUPS, groups)
                 for i, v in enumerate(group)}
 
     def _read(self, variable):
-        values = self.__dict__.get("_values")
+        values = self._values
         if values is None or id(variable) not in values.where:
             return variable.value
-        k, i = values.where[id(variable)]
-        return values.lists[k][i]
+        group, i = values.where[id(variable)]
+        return getattr(values, group)[i]
 
     def _write(self, variable, value):
-        values = self.__dict__.get("_values")
+        values = self._values
         if values is None:
             return variable.assign(value)
-        k, i = values.where[id(variable)]
-        values.lists[k][i] = jnp.asarray(value, values.lists[k][i].dtype)
+        group, i = values.where[id(variable)]
+        group = getattr(values, group)
+        group[i] = jnp.asarray(value, group[i].dtype)
 
     @contextlib.contextmanager
     def _hook_scope(self):
         generator = self._variant_seed_generator()
-        if generator is None or self.__dict__.get("_values") is None:
+        if generator is None or self._values is None:
             yield
             return
         state = generator.state
@@ -119,17 +115,17 @@ class JaxTrainStep(SharedStep):
     def _pass(self, part, eps=None, discard=()):
         values = self._values
         saved = self._saved(discard)
-        trainable = values.lists[0]
+        trainable = values.trainable
         if eps is not None:
             trainable = [w if e is None else w + e.astype(w.dtype)
                          for w, e in zip(trainable, eps)]
         (_, aux), gradients = jax.value_and_grad(
             self.compute_loss_and_updates, has_aux=True)(
-            trainable, values.lists[1], values.lists[3], *part,
-            training=True, optimizer_variables=values.lists[2])
-        loss, y_pred, values.lists[1], values.lists[3] = aux
-        values.lists[1] = list(values.lists[1])
-        values.lists[3] = list(values.lists[3])
+            trainable, values.non_trainable, values.metrics, *part,
+            training=True, optimizer_variables=values.optimizer)
+        loss, y_pred, non_trainable, metrics = aux
+        values.non_trainable, values.metrics = (list(non_trainable),
+                                                list(metrics))
         for v, value in zip(discard, saved):
             self._write(v, value)
         return y_pred, loss, gradients
@@ -140,8 +136,8 @@ class JaxTrainStep(SharedStep):
     def _forward(self, x, weights):
         values = self._values
         trainable = [w if new is None else new.astype(w.dtype)
-                     for w, new in zip(values.lists[0], weights)]
-        y_pred, _ = self.stateless_call(trainable, values.lists[1], x,
+                     for w, new in zip(values.trainable, weights)]
+        y_pred, _ = self.stateless_call(trainable, values.non_trainable, x,
                                         training=False)
         return keras.tree.map_structure(jax.lax.stop_gradient, y_pred)
 
@@ -151,38 +147,38 @@ class JaxTrainStep(SharedStep):
 
         def branch(fn):
             def run(state):
-                values.lists = [list(group) for group in state]
+                values.set(state)
                 return fn(), values.state()
             return run
 
         result, state = jax.lax.cond(pred, branch(true_fn), branch(false_fn),
                                      values.state())
-        values.lists = [list(group) for group in state]
+        values.set(state)
         return result
 
     def _loop_over_parts(self, batch, body):
         """Parts of one size share a `lax.scan`; the non-trainable values
         run through the parts in order, the other values are the step's."""
         values = self._values
-        outer = values.state()
+        trainable, outer_state = values.trainable, values.non_trainable
+        optimizer, metrics = values.optimizer, values.metrics
         size_of_batch = next(
             t for t in keras.tree.flatten(batch[0]) if t is not None
         ).shape[0]
         carry = (
-            list(outer[1]),
-            [jnp.zeros(w.shape, jnp.float32) for w in outer[0]],
-            [jnp.zeros(w.shape, jnp.float32) for w in outer[0]],
+            list(outer_state),
+            [jnp.zeros(w.shape, jnp.float32) for w in trainable],
+            [jnp.zeros(w.shape, jnp.float32) for w in trainable],
             jnp.zeros((), jnp.float32),
         )
 
         def scan_body(size, carry, part):
             state, gradient_sums, adversarial_sums, sharpness_sum = carry
-            values.lists = [list(outer[0]), list(state), list(outer[2]),
-                            list(outer[3])]
+            values.set((trainable, state, optimizer, metrics))
             part_pred, gradients, adversarial, sharpness = body(part, size)
             share = size / size_of_batch
             state = [jnp.asarray(new, old.dtype)
-                     for old, new in zip(state, values.lists[1])]
+                     for old, new in zip(state, values.non_trainable)]
             return (state, add_weighted(gradient_sums, gradients, share),
                     add_weighted(adversarial_sums, adversarial, share),
                     sharpness_sum + share * jnp.asarray(sharpness,
@@ -204,8 +200,7 @@ class JaxTrainStep(SharedStep):
                 lambda p: jnp.reshape(p, (-1,) + tuple(p.shape[2:])),
                 part_preds))
         state, gradients, adversarial, sharpness = carry
-        values.lists = [list(outer[0]), list(state), list(outer[2]),
-                        list(outer[3])]
+        values.set((trainable, state, optimizer, metrics))
         y_pred = keras.tree.map_structure(
             lambda *p: jnp.concatenate(p, axis=0), *predictions)
         return y_pred, gradients, adversarial, sharpness
@@ -215,9 +210,9 @@ class JaxTrainStep(SharedStep):
         # joined batch once.
         values = self._values
         loss, (_, state, metrics) = self.stateless_compute_loss(
-            values.lists[0], values.lists[1], values.lists[3], x=x, y=y,
+            values.trainable, values.non_trainable, values.metrics, x=x, y=y,
             y_pred=y_pred, sample_weight=sample_weight, training=True)
-        values.lists[1], values.lists[3] = list(state), list(metrics)
+        values.non_trainable, values.metrics = list(state), list(metrics)
         return loss
 
     # -- the update and the logs ----------------------------------------------
@@ -233,17 +228,17 @@ class JaxTrainStep(SharedStep):
                 optimizer_variables, descent, trainable
             )
 
-        pair = (values.lists[2], values.lists[0])
+        pair = (values.optimizer, values.trainable)
         if finite is None:
             trainable, optimizer_variables = apply(pair)
         else:
             trainable, optimizer_variables = jax.lax.cond(
                 finite, apply, lambda pair: (pair[1], pair[0]), pair)
-        values.lists[0] = list(trainable)
-        values.lists[2] = list(optimizer_variables)
+        values.trainable = list(trainable)
+        values.optimizer = list(optimizer_variables)
 
     def _add_to_weights(self, deltas):
-        trainable = self._values.lists[0]
+        trainable = self._values.trainable
         for i, delta in enumerate(deltas):
             if delta is not None:
                 trainable[i] = trainable[i] + delta.astype(trainable[i].dtype)
@@ -253,13 +248,13 @@ class JaxTrainStep(SharedStep):
         values = self._values
         references = self.metrics_variables
         with keras.StatelessScope(
-            state_mapping=list(zip(references, values.lists[3]))
+            state_mapping=list(zip(references, values.metrics))
         ) as scope:
             logs = super()._logs(*args)
-        values.lists[3] = [
+        values.metrics = [
             value if scope.get_current_value(v) is None
             else scope.get_current_value(v)
-            for v, value in zip(references, values.lists[3])
+            for v, value in zip(references, values.metrics)
         ]
         return logs
 
@@ -288,8 +283,8 @@ class JaxTrainStep(SharedStep):
             return compiled[run]
 
         def host_value(state, variable):
-            k, i = where[id(variable)]
-            return np.asarray(state[k][i])
+            group, i = where[id(variable)]
+            return np.asarray(state[_Values.GROUPS.index(group)][i])
 
         def train_function(state, iterator):
             logs = None

@@ -1,6 +1,6 @@
 """The train step of `ASAMModel` on TensorFlow: the plumbing.
 
-`keras_asam/step.py` holds the step itself, once for every backend. This
+`keras_asam/step/` holds the step itself, once for every backend. This
 mixin provides its primitives the TensorFlow way: the passes under
 `tf.GradientTape`, moving the variables to w + eps and restoring them from
 a saved copy (never by subtracting eps, so mirrored replicas stay bitwise
@@ -13,7 +13,7 @@ each step's kind on the host.
 import keras
 import tensorflow as tf
 
-from keras_asam import distribute, second_pass
+from keras_asam import distribute
 from keras_asam.step import SharedStep, add_weighted
 
 
@@ -64,31 +64,7 @@ class TensorFlowTrainStep(SharedStep):
     # -- decisions made once per step, before the passes -----------------
 
     def _runs_perturbed_pass(self, rho, choice):
-        """`True`/`False` (Python) or a boolean scalar tensor for `tf.cond`.
-
-        The host's `choice` stands for the schedules and for a numeric rho
-        of 0. Otherwise the schedules pick steps by the model's count of
-        train steps in the graph. A rho schedule whose value is 0 skips the
-        pass too, except under XLA without another conditional, where the
-        conditional would cost more than the pass (eps is then 0).
-        """
-        if choice is False:
-            return False
-        conditions = []
-        if choice is None and self._has_step_schedule():
-            conditions.append(second_pass.perturb_this_step(
-                self._train_steps.value,
-                every=self.options.asam_every,
-                probability=self.options.asam_probability,
-                seed=self.options.asam_seed,
-            ))
-        if (choice is None or self.rho_schedule is not None) and (
-            conditions or not self.jit_compile
-        ):
-            conditions.append(rho > 0)
-        if not conditions:
-            return True
-        return tf.reduce_all(tf.stack(conditions))
+        return self._decided_in_graph(rho, choice)
 
     def _cond(self, pred, true_fn, false_fn):
         return tf.cond(pred, true_fn, false_fn)

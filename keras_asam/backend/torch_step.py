@@ -1,6 +1,6 @@
 """The train step of `ASAMModel` on PyTorch: the plumbing.
 
-`keras_asam/step.py` holds the step itself, once for every backend. This
+`keras_asam/step/` holds the step itself, once for every backend. This
 mixin mirrors `keras/src/backend/torch/trainer.py`: the passes zero and read
 `.grad`; the ascent moves the variables under `torch.no_grad()` from a
 saved copy and restores them exactly (never w - eps), touching no optimizer

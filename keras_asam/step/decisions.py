@@ -69,6 +69,34 @@ class Decisions:
             teacher_prediction=None, weights=self._weights(),
         )
 
+    def _decided_in_graph(self, rho, choice):
+        """`True`/`False` (Python) or a boolean scalar tensor for a
+        conditional in the graph (TensorFlow's `_runs_perturbed_pass`).
+
+        The host's `choice` stands for the schedules and for a numeric rho
+        of 0. Otherwise the schedules pick steps by the model's count of
+        train steps in the graph. A rho schedule whose value is 0 skips the
+        pass too, except under XLA without another conditional, where the
+        conditional would cost more than the pass (eps is then 0).
+        """
+        if choice is False:
+            return False
+        conditions = []
+        if choice is None and self._has_step_schedule():
+            conditions.append(second_pass.perturb_this_step(
+                self._read(self._train_steps),
+                every=self.options.asam_every,
+                probability=self.options.asam_probability,
+                seed=self.options.asam_seed,
+            ))
+        if (choice is None or self.rho_schedule is not None) and (
+            conditions or not self.jit_compile
+        ):
+            conditions.append(rho > 0)
+        if not conditions:
+            return True
+        return ops.all(ops.stack(conditions))
+
     def _has_step_schedule(self):
         return self.options.has_step_schedule
 
