@@ -8,7 +8,7 @@ place.
 - `keras_asam.directions`: GSAM's and LookSAM's maths under their earlier
   names; they live in `keras_asam.variants.gsam` and `looksam`.
 - The layer that holds a variant's state keeps the class name
-  `_DirectionStore` (`keras_asam/model.py`): `.keras` files address its
+  `_DirectionStore` (`keras_asam/step/state.py`): `.keras` files address its
   variables as `layers/__direction_store/vars/<i>`, the path LookSAM's
   direction had, so files saved before variants were objects load.
 """

@@ -197,50 +197,8 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         super().__init__(**kwargs)
         self.options = checked
         self._variant = variant
-        self._rho_schedule = None if isinstance(rho, float) else rho
         self.wrapped_model = model
-        self._rho = self.add_weight(
-            shape=(),
-            initializer=keras.initializers.Constant(
-                rho if self._rho_schedule is None else 0.0
-            ),
-            dtype="float32",
-            trainable=False,
-            autocast=False,
-            name="rho",
-        )
-        # The count of train steps the schedules follow (on the host too).
-        self._train_steps = self.add_weight(
-            shape=(),
-            initializer="zeros",
-            dtype=self._counter_dtype(),
-            trainable=False,
-            name="train_steps",
-        )
-        self._host_step = None  # The host's copy, read once per `fit`.
-        self._rho_on_host = None if self._rho_schedule is not None else rho
-        # The variant's state, created once the trainable variables exist
-        # (`_create_own_state`).
-        self._variant_store = (
-            _DirectionStore(name="variant_state",
-                            seed=_variant_seed(variant, checked))
-            if variant is not None and (variant.state_names
-                                        or variant.extra_state()
-                                        or variant.uses_seed) else None
-        )
-        # Kept out of `self.metrics`, so `evaluate` logs exactly what a plain
-        # model logs; `train_step` adds it to the training logs.
-        object.__setattr__(
-            self, "_sharpness_tracker", keras.metrics.Mean(name="sharpness")
-        )
-        # The share of steps that took the perturbed pass, logged for a
-        # variant that decides it in the graph (`Variant.decide`).
-        object.__setattr__(
-            self, "_perturbed_tracker",
-            keras.metrics.Mean(name="perturbed_steps"))
-        # The variant's term of the passes' losses during a step
-        # (`SharedStep._loss_term_for`), else `None`.
-        self._pass_loss_term = None
+        self._create_step_state(rho, variant, checked)
         if model is not None and model.built:
             self.built = True
             self._create_own_state()
@@ -491,64 +449,6 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         self._perturbed_tracker.reset_state()
 
 
-class _DirectionStore(keras.layers.Layer):
-    """The variant's state: for each of its `state_names`, one float32
-    variable per trainable variable, zero at first, saved with the model.
-
-    Each variable has its weight's shape and, under `keras.distribution`,
-    its weight's layout (a sharded weight gets sharded state), as
-    optimizer slots do. `.keras` files keep the variables under this class's
-    name (`layers/__direction_store/vars/<i>`, name-major), which earlier
-    files use for LookSAM's direction (`keras_asam.compat`). A variant that
-    draws random numbers gets its seed generator's state here too, last.
-    """
-
-    def __init__(self, seed=None, **kwargs):
-        super().__init__(trainable=False, **kwargs)
-        self._seed = seed
-        self.seed_generator = None
-
-    def create(self, names, weights, extra=None):
-        distribution = keras.distribution.distribution()
-        for name in names:
-            for i, weight in enumerate(weights):
-                layout = (None if distribution is None
-                          else distribution.get_variable_layout(weight))
-                self._track_variable(keras.Variable(
-                    initializer="zeros", shape=weight.shape,
-                    dtype="float32", trainable=False, autocast=False,
-                    name=f"{name}_{i}", layout=layout,
-                ))
-        for name, shape in (extra or {}).items():
-            self._track_variable(keras.Variable(
-                initializer="zeros", shape=tuple(shape), dtype="float32",
-                trainable=False, autocast=False, name=name,
-            ))
-        if self._seed is not None:
-            # Kept out of Keras' tracking of seed generators, whose state
-            # `.keras` files and checkpoints leave out: its state is one of
-            # this layer's variables (saved, last), read and written by the
-            # step like the buffers.
-            generator = keras.random.SeedGenerator(
-                seed=self._seed, name="variant_seed")
-            object.__setattr__(self, "seed_generator", generator)
-            self._track_variable(generator.state)
-        self.built = True
-
-    def by_name(self, names, extra_names=()):
-        """name -> the variables of that name, in the weights' order; one
-        variable for each of `extra_names`."""
-        variables = self.variables
-        if self.seed_generator is not None:
-            variables = variables[:-1]
-        per_weight = variables[:len(variables) - len(extra_names)]
-        count = len(per_weight) // max(len(names), 1)
-        state = {name: per_weight[k * count:(k + 1) * count]
-                 for k, name in enumerate(names)}
-        state.update(zip(extra_names, variables[len(per_weight):]))
-        return state
-
-
 @keras.saving.register_keras_serializable(package="keras_asam")
 class SAMModel(ASAMModel):
     """`ASAMModel` with SAM's defaults: `adaptive=False`, `rho=0.05`.
@@ -651,13 +551,3 @@ def _check_variant(variant, checked):
             f"variant={variant!r}, num_batch_splits="
             f"{checked.num_batch_splits}"
         )
-
-
-def _variant_seed(variant, checked):
-    """The seed of the generator a variant that draws random numbers gets
-    (`None` for one that does not): its own `seed` attribute when it has
-    one, else the model's `asam_seed` plus one."""
-    if variant is None or not variant.uses_seed:
-        return None
-    seed = getattr(variant, "seed", None)
-    return checked.asam_seed + 1 if seed is None else seed

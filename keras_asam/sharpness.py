@@ -89,8 +89,30 @@ def sharpness(
             "`model` must be a `keras.Model`. Received: "
             f"model={model!r} (of type {type(model).__name__})"
         )
-    given = dict(rho=rho, adaptive=adaptive, eta=eta,
-                 normalization=normalization, p=p, perturb=perturb)
+    hyperparameters, perturb = _checked_settings(
+        model, dict(rho=rho, adaptive=adaptive, eta=eta,
+                    normalization=normalization, p=p, perturb=perturb))
+    steps = validation.check_positive_int("steps", steps)
+    batch_size = validation.check_positive_int(
+        "batch_size", 32 if batch_size is None else batch_size
+    )
+    loss_fn = _resolve_loss(model, loss)
+    dataset = _as_dataset(x, y, batch_size)
+    _check_model(model)
+    variables = model.trainable_variables
+    saved = [_snapshot(v) for v in model.variables]
+    objective = _objective(model, loss, loss_fn)
+    try:
+        return _ascend(objective, dataset, variables,
+                       selection.selected(perturb, model, variables), steps,
+                       hyperparameters)
+    finally:
+        _restore(model.variables, saved)
+
+
+def _checked_settings(model, given):
+    """The meter's hyperparameters, checked: the model's own where `given`
+    has `None`. Returns `(hyperparameters, perturb)`."""
     settings = _model_settings(model)
     for name, value in given.items():
         if value is not None:
@@ -111,48 +133,44 @@ def sharpness(
     )
     perturb = settings["perturb"]
     perturb = None if perturb == "all" else selection.check_perturb(perturb)
-    steps = validation.check_positive_int("steps", steps)
-    batch_size = validation.check_positive_int(
-        "batch_size", 32 if batch_size is None else batch_size
-    )
-    loss_fn = _resolve_loss(model, loss)
-    dataset = _as_dataset(x, y, batch_size)
+    return hyperparameters, perturb
+
+
+def _check_model(model):
     if not model.built:
         raise ValueError(
             "`model` must be built (called on data) before its sharpness "
             f"can be measured. Received: model={model.name} (unbuilt)"
         )
-    variables = model.trainable_variables
-    if not variables:
+    if not model.trainable_variables:
         raise ValueError(
             f"Model {model.name} has no trainable weights: its sharpness is "
             "undefined."
         )
+
+
+def _ascend(objective, dataset, variables, chosen, steps, hyperparameters):
+    """`steps` of projected gradient ascent from w; the largest loss
+    increase seen."""
     scaled = [not is_bias(v.path) for v in variables]
-    chosen = selection.selected(perturb, model, variables)
-    saved = [_snapshot(v) for v in model.variables]
-    objective = _objective(model, loss, loss_fn)
-    try:
-        weights = [_snapshot(v) for v in variables]
-        loss_at_w, gradients = objective(dataset, weights)
-        eps = None
-        best = -math.inf
-        for _ in range(steps):
-            ascent = [g if c else None for g, c in zip(gradients, chosen)]
-            step = perturbation(ascent, weights, scaled=scaled,
-                                **hyperparameters)
-            eps = step if eps is None else [
-                s if e is None else e + s for e, s in zip(eps, step)
-            ]
-            eps = project(eps, weights, scaled=scaled, **hyperparameters)
-            moved = [
-                w if e is None else w + keras.ops.cast(e, v.dtype)
-                for v, w, e in zip(variables, weights, eps)
-            ]
-            loss_at_eps, gradients = objective(dataset, moved)
-            best = max(best, loss_at_eps - loss_at_w)
-    finally:
-        _restore(model.variables, saved)
+    weights = [_snapshot(v) for v in variables]
+    loss_at_w, gradients = objective(dataset, weights)
+    eps = None
+    best = -math.inf
+    for _ in range(steps):
+        ascent = [g if c else None for g, c in zip(gradients, chosen)]
+        step = perturbation(ascent, weights, scaled=scaled,
+                            **hyperparameters)
+        eps = step if eps is None else [
+            s if e is None else e + s for e, s in zip(eps, step)
+        ]
+        eps = project(eps, weights, scaled=scaled, **hyperparameters)
+        moved = [
+            w if e is None else w + keras.ops.cast(e, v.dtype)
+            for v, w, e in zip(variables, weights, eps)
+        ]
+        loss_at_eps, gradients = objective(dataset, moved)
+        best = max(best, loss_at_eps - loss_at_w)
     return float(best)
 
 
