@@ -69,7 +69,7 @@ class TensorFlowTrainStep(SharedStep):
     def _cond(self, pred, true_fn, false_fn):
         return tf.cond(pred, true_fn, false_fn)
 
-    def _can_recompute_clean_gradient(self):
+    def _branches_are_free(self):
         # Under XLA a select fuses into the update instead.
         return not self.jit_compile
 

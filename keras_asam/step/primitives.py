@@ -52,10 +52,11 @@ class Primitives:
         host's `choice`."""
         return True if choice is None else choice
 
-    def _can_recompute_clean_gradient(self):
-        """Whether recomputing g (rarely) saves memory over keeping it
-        through the perturbed pass: not where a compiler or eager execution
-        keeps it anyway."""
+    def _branches_are_free(self):
+        """Whether a conditional in the graph costs nothing beyond the
+        branch it takes (TensorFlow's graph without XLA): the step then
+        picks g or g_adv, or recomputes g, with a conditional instead of
+        an element-wise select or keeping g."""
         return False
 
     def _check_split_batch(self):

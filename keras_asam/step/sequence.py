@@ -99,17 +99,24 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
             eps = self._eps(ascent, self._weights(), rho)
             _, adversarial_loss, adversarial = self._pass(
                 part, eps, self._state_to_restore())
-            if not self._recomputes_clean_gradient():
-                adversarial = self._finite_or_clean(
-                    adversarial, gradients, adversarial_loss)
-            else:
+            finite = ops.isfinite(adversarial_loss)
+            like = _like(adversarial, gradients)
+            if self._recomputes_clean_gradient():
                 # Nothing else reads g after this pass: where L(w + eps) is
                 # not finite it is recomputed instead of kept alive.
                 adversarial = self._cond_lists(
-                    ops.isfinite(adversarial_loss), lambda: adversarial,
+                    finite, lambda: adversarial,
                     lambda: self._pass(part, None,
                                        self._state_to_restore())[2],
-                    like=_like(adversarial, gradients))
+                    like=like)
+            elif self._falls_back_to_clean() and self._branches_are_free():
+                # g or g_adv as they are, without an element-wise select.
+                adversarial = self._cond_lists(
+                    finite, lambda: adversarial, lambda: gradients,
+                    like=like)
+            else:
+                adversarial = self._finite_or_clean(
+                    adversarial, gradients, adversarial_loss)
             return [*adversarial, adversarial_loss]
 
         if run is True:
@@ -123,11 +130,11 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
     def _recomputes_clean_gradient(self):
         """Whether the step recomputes g where L(w + eps) is not finite
         instead of keeping it through the perturbed pass: where nothing
-        else reads it and the backend asks for it
-        (`_can_recompute_clean_gradient`)."""
+        else reads it and a conditional costs nothing beyond its branch
+        (`_branches_are_free`)."""
         return (self._clean_gradient_unread()
                 and self.options.num_batch_splits == 1
-                and self._can_recompute_clean_gradient())
+                and self._branches_are_free())
 
     def _split_passes(self, batch, rho, run):
         """Both passes for each of `num_batch_splits` parts of the batch.
