@@ -67,7 +67,7 @@ class Descent:
             off, off_updates = off_step()
             direction = [_select(run, a, b) for a, b in zip(on, off)]
             updates = {
-                name: select_state(run, on_updates.get(name, values),
+                name: _select_state(run, on_updates.get(name, values),
                                     off_updates.get(name, values), values)
                 for name, values in state.items()
                 if name in on_updates or name in off_updates
@@ -144,7 +144,7 @@ class Descent:
         return ops.copy(self._read(self.optimizer.iterations))
 
 
-def select_state(run, on, off, current):
+def _select_state(run, on, off, current):
     """A state entry selected by `run` (a list per weight, or one tensor
     for a variant's `extra_state`)."""
     if not isinstance(current, list):

@@ -9,10 +9,8 @@ from keras import ops
 
 from keras_asam import selection
 from keras_asam.perturbation import is_bias, perturbation
-from keras_asam.step.descent import select_state
 from keras_asam.variants import contract
 from keras_asam.variants.base import (
-    Opposite,
     overrides,
 )
 
@@ -112,18 +110,10 @@ class VariantCalls:
             return self._run_hook("pre_pass", self._state_values(), ctx)
         if self.options.sync_perturbation:
             gradients = self._all_reduce_sum(gradients)
-        if not overrides(variant, "ascent"):
-            return gradients
-        direction, updates = self._run_hook(
-            "ascent", gradients, self._state_values(), ctx)
-        if updates and ctx.second_pass is not True:
-            # Written on the steps that take the pass only.
-            state = self._state_values()
-            updates = {name: select_state(ctx.second_pass, values,
-                                           state[name], state[name])
-                       for name, values in updates.items()}
-        self._write_state(updates)
-        return direction
+        if overrides(variant, "ascent"):
+            return self._run_hook("ascent", gradients, self._state_values(),
+                                  ctx)
+        return gradients
 
     def _run_hook(self, hook, *args):
         """The variant's `hook` called with `args` (inside `_hook_scope`),
@@ -139,10 +129,6 @@ class VariantCalls:
         `self.trainable_variables`), with this model's hyperparameters."""
         variables = self.trainable_variables
         mask = self._perturbed_mask(variables)
-        if isinstance(gradients, Opposite):
-            # eps along minus the direction: the same values as from its
-            # negated copy (the signs flip exactly), without that copy.
-            rho = -rho
         return perturbation(
             [g if chosen else None for g, chosen in zip(gradients, mask)],
             values,

@@ -6,7 +6,7 @@ base class to write your own (see its docstring).
 """
 
 from keras_asam.variants.aesam import AESAM
-from keras_asam.variants.base import Opposite, StepContext, Variant, dot
+from keras_asam.variants.base import StepContext, Variant, dot
 from keras_asam.variants.friendly import FriendlySAM
 from keras_asam.variants.gsam import GSAM
 from keras_asam.variants.looksam import LookSAM
@@ -16,4 +16,4 @@ from keras_asam.variants.saf import SAF
 from keras_asam.variants.wsam import WSAM
 
 __all__ = ["AESAM", "FriendlySAM", "GSAM", "LookSAM", "MESA", "MomentumSAM",
-           "Opposite", "SAF", "StepContext", "Variant", "WSAM", "dot"]
+           "SAF", "StepContext", "Variant", "WSAM", "dot"]

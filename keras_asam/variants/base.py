@@ -96,15 +96,6 @@ class StepContext:
         return StepContext(**dict(self.__dict__, **values))
 
 
-class Opposite(list):
-    """A direction given by its opposite: returned from `ascent` or
-    `pre_pass`, eps is built along minus these tensors (with the radius
-    negated: the same values as from a negated copy, without making one).
-
-    Example: `return Opposite(state["velocity"])` for eps along -v.
-    """
-
-
 class Variant:
     """Base class of the SAM family's variants; plain ASAM/SAM as is.
 
@@ -201,11 +192,7 @@ class Variant:
             ctx: `StepContext`.
 
         Returns:
-            List aligned with `gradients` (`None` where no eps), or
-            `(direction, new_state)`: state the step writes before the
-            perturbed pass (on the steps that take it), so that g need not
-            be kept through it. An `Opposite` list builds eps along minus
-            its entries.
+            List aligned with `gradients` (`None` where no eps).
         """
         return gradients
 

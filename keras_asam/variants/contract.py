@@ -195,26 +195,4 @@ def checked(variant, hook, result, count):
         return new_state(variant, hook, result, count)
     if hook == "teacher" and result is None:
         return None
-    if hook == "ascent":
-        return ascent_result(variant, result, count)
-    return _kept_opposite(result, directions(variant, hook, result, count))
-
-
-def ascent_result(variant, result, count):
-    """`ascent`'s result as `(direction, new_state)`: a direction alone, or
-    a pair of a direction and a state dict."""
-    if (isinstance(result, tuple) and len(result) == 2
-            and isinstance(result[1], dict)):
-        direction, updates = result
-        return (_kept_opposite(direction, directions(
-                    variant, "ascent", direction, count)),
-                new_state(variant, "ascent", updates, count))
-    return (_kept_opposite(result, directions(variant, "ascent", result,
-                                               count)), {})
-
-
-def _kept_opposite(original, checked):
-    """`checked` as an `Opposite` where the hook returned one."""
-    from keras_asam.variants.base import Opposite
-
-    return Opposite(checked) if isinstance(original, Opposite) else checked
+    return directions(variant, hook, result, count)

@@ -61,23 +61,16 @@ class FriendlySAM(Variant):
     def synced(self, options):
         return True
 
-    # m follows g in `ascent`, before the perturbed pass (which then need
-    # not keep g), where the ascent sees the synced g; else in `descent`.
-    reads_clean_gradient = False
-
     def ascent(self, gradients, state, ctx):
         first = ops.equal(ctx.step, 0)
         removed = ops.where(first, 0.0, self.sigma * ctx.loss_scale)
         factor = ctx.ascent_replica_factor
-        direction = [
+        return [
             None if g is None
             else (ops.cast(g, "float32") if factor == 1
                   else ops.cast(g, "float32") * factor) - removed * m
             for g, m in zip(gradients, state["momentum"])
         ]
-        if factor != 1:  # This replica's g: m follows in `descent`.
-            return direction
-        return direction, self._followed(gradients, state, ctx)
 
     def _followed(self, gradients, state, ctx):
         """m after this step's g (unscaled); as it was where g is not
@@ -95,8 +88,6 @@ class FriendlySAM(Variant):
         return {"momentum": updated}
 
     def descent(self, gradients, adversarial, state, ctx):
-        if ctx.ascent_replica_factor == 1:  # m followed g in `ascent`.
-            return adversarial, {}
         return adversarial, self._followed(gradients, state, ctx)
 
     def off_step(self, gradients, state, ctx):

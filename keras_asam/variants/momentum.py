@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_asam import validation
-from keras_asam.variants.base import Opposite, Variant, dot
+from keras_asam.variants.base import Variant, dot
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -101,7 +101,7 @@ class MomentumSAM(Variant):
                 stacklevel=2)
 
     def pre_pass(self, state, ctx):
-        return Opposite(state["velocity"])  # eps along -v, without a copy
+        return [-v for v in state["velocity"]]
 
     def _followed(self, gradients, state, ctx):
         finite = ops.isfinite(dot(gradients, gradients))
