@@ -253,6 +253,35 @@ def test_per_example_state_needs_the_index():
         np.testing.assert_array_equal(got, expected)
 
 
+class IndexedBatches(keras.utils.PyDataset):
+    """Batches of examples in a shuffled order, with their indices."""
+
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.order = np.random.default_rng(3).permutation(len(x))
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i):
+        index = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        return ({"inputs": self.x[index], "sample_index": index},
+                self.y[index])
+
+
+def test_per_example_state_from_a_py_dataset():
+    x, y = data()
+    model = linear_model(Recorder(), lr=0.0)
+    model.fit(IndexedBatches(x, y, 5), epochs=2, verbose=0)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model.variant_state["visits"]),
+        np.full(N, 2.0))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model.variant_state["latest"]),
+        model.predict(x, verbose=0), rtol=TOLERANCE, atol=TOLERANCE)
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data")
 def test_per_example_state_from_a_dataset():
     import tensorflow as tf
