@@ -14,21 +14,15 @@ runs it under JAX, and PyTorch under the `torch` marker), and on
 TensorFlow the decision under a two-replica `MirroredStrategy`.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
 
 import keras_asam
 from keras_asam.variants import Variant
+from tests import scripts
 
 TOLERANCE = 1e-6
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 BACKEND = keras.backend.backend()
 N, FEATURES, OUTPUTS, LR = 12, 3, 2, 0.1
 
@@ -342,13 +336,7 @@ print(json.dumps({
 @pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute")
 def test_decision_and_per_example_state_under_mirrored_strategy():
-    done = subprocess.run(
-        [sys.executable, "-c", _MIRRORED, ROOT], capture_output=True,
-        text=True, timeout=600,
-        env=dict(os.environ, KERAS_BACKEND="tensorflow",
-                 TF_CPP_MIN_LOG_LEVEL="3"))
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = scripts.run_tensorflow_script(_MIRRORED)
     # Every step's loss is >= 0: all took the pass, on both replicas.
     assert result["perturbed_steps"] == 1.0
     assert result["replicas_equal"]

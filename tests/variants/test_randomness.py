@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import keras_asam  # noqa: E402
+from tests import scripts  # noqa: E402
 
 SEED = 123
 STEPS = 3
@@ -166,15 +167,7 @@ print(json.dumps({
 
 @pytest.mark.slow
 def test_replicas_draw_the_same_noise_under_mirrored_strategy():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
-    done = subprocess.run(
-        [sys.executable, "-c", _MIRRORED, root], capture_output=True,
-        text=True, timeout=600,
-        env=dict(os.environ, KERAS_BACKEND="tensorflow",
-                 TF_CPP_MIN_LOG_LEVEL="3"))
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = scripts.run_tensorflow_script(_MIRRORED)
     # Noise, weights and the generator's state equal on both replicas; the
     # state advanced by one per draw (STEPS steps of 4 variables).
     assert result["replicas_equal"]
