@@ -493,3 +493,28 @@ def test_readme_equal_cost_is_the_committed_results():
     assert [e["answer"] for e in results["point4"]] == ["no"] * 4
     assert "**No, on both data sets" in section
     assert [e["answer"] for e in retuned["point4"]] == ["yes"] * 4
+
+
+def test_docs_selected_settings_are_the_committed_results():
+    """The section "At equal cost, settings chosen on validation"
+    (docs/results.md) shows the committed `--select` run: its equal-passes
+    table and the chosen settings next to the defaults, chosen with seeds
+    the report does not use."""
+    budget = _budget_module()
+    selection = _selection_module()
+    with open(os.path.join(BENCHMARKS, "results",
+                           "budget_selected.json")) as f:
+        results = json.load(f)
+    section = " ".join(_readme_section(
+        "At equal cost, settings chosen on validation").split())
+    for line in budget.summary_table(results, budget="passes"):
+        assert line in section, line
+    table = selection.markdown(results["selection"],
+                               budget._order(budget.METHODS))
+    for line in table:
+        if line.startswith("| ") and "**" in line:
+            assert line in section, line
+    seeds = results["meta"]["arguments"]["seeds"]
+    assert seeds == [0, 1, 2, 3, 4]
+    assert not set(results["selection"]["seeds"]) & set(seeds)
+    assert f"{results['meta']['minutes']:.1f} minutes of wall time" in section
