@@ -406,20 +406,6 @@ class EmaWeights(keras.callbacks.Callback):
             target.assign(average)
 
 
-def evaluation(network):
-    """Validation and test loss and hits of `network`, traced once."""
-
-    @tf.function
-    def evaluate(x, y):
-        logits = network(x, training=False)
-        loss = keras.losses.sparse_categorical_crossentropy(
-            y, logits, from_logits=True)
-        hits = keras.ops.equal(keras.ops.argmax(logits, axis=-1), y)
-        return loss, keras.ops.cast(hits, "float32")
-
-    return evaluate
-
-
 class Trainer(g.Trainer):
     """generalization.Trainer with this benchmark's methods: one compiled
     model per (data set, method, epochs, setting), reused for every seed
@@ -460,7 +446,7 @@ class Trainer(g.Trainer):
                             for v in self.model.variables]
         self.held_out = (g.build_network(dataset) if method == "ema"
                          else self.network)
-        self.evaluate = evaluation(self.held_out)
+        self.evaluate = g.evaluation(self.held_out)
 
     def run(self, initial_weights, seed, data, epochs, batch_size):
         """Trains from `initial_weights`; returns the per-epoch curves,

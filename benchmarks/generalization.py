@@ -284,6 +284,21 @@ class HeldOutAccuracy(keras.callbacks.Callback):
             logs[f"{prefix}_accuracy"] = float(np.mean(hits[part]))
 
 
+def evaluation(network):
+    """Loss and hits of `network` per example (inference mode), traced
+    once."""
+
+    @tf.function
+    def evaluate(x, y):
+        logits = network(x, training=False)
+        loss = keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True)
+        hits = keras.ops.equal(keras.ops.argmax(logits, axis=-1), y)
+        return loss, keras.ops.cast(hits, "float32")
+
+    return evaluate
+
+
 class Trainer:
     """One compiled model per (data set, method), reused for every seed,
     noise level and rho, so the training step is traced once.
@@ -312,17 +327,7 @@ class Trainer:
         self.model.optimizer.build(self.model.trainable_variables)
         self.optimizer_start = [keras.ops.convert_to_numpy(v)
                                 for v in self.model.optimizer.variables]
-        network = self.network
-
-        @tf.function
-        def evaluate(x, y):
-            logits = network(x, training=False)
-            loss = keras.losses.sparse_categorical_crossentropy(
-                y, logits, from_logits=True)
-            hits = keras.ops.equal(keras.ops.argmax(logits, axis=-1), y)
-            return loss, keras.ops.cast(hits, "float32")
-
-        self.evaluate = evaluate
+        self.evaluate = evaluation(self.network)
 
     def run(self, initial_weights, seed, data, epochs, batch_size, rho=None):
         """Trains from `initial_weights`; returns the per-epoch curves."""
