@@ -66,7 +66,10 @@ class Decisions:
             update_applied=None, all_reduce_sum=self._all_reduce_sum,
             seed_generator=self._variant_seed_generator(),
             all_gather=self._all_gather, sample_index=index,
-            teacher_prediction=None, weights=self._weights(),
+            teacher_prediction=None,
+            # Read only for a variant's hooks: plain ASAM's traced step
+            # reads no weight values it does not use.
+            weights=None if self.variant is None else self._weights(),
         )
 
     def _decided_in_graph(self, rho, choice):
