@@ -80,8 +80,8 @@ Friendly-SAM and WSAM 2.1 P (m, or g through pass 2). Momentum-SAM may
 hold 2.1 P over the base step (its buffer v and a saved copy of the
 weights, plus 10%).
 
-`--library DIR` puts DIR first on the children's PYTHONPATH, so that they
-import the `keras_asam` of another checkout (e.g. an earlier commit); the
+`--library DIR` runs the children so that they import the `keras_asam` of
+another checkout (e.g. an earlier commit; `harness.library_dir`); the
 report records that checkout's commit.
 
 Each number is the minimum over `--repeats` processes (scheduling of the
@@ -89,12 +89,12 @@ executor's threads moves the peak of a step without XLA by up to ~0.3 P).
 For comparison `first` is the brief's recipe on `ru_maxrss` (its growth
 over the warm-up steps, tracing included), recorded in the rss mode.
 
-    python benchmarks/memory.py            # about 50 minutes on 2 busy cores
-    python benchmarks/memory.py --quick    # about a minute: small model, tf
-                                           # mode, no XLA, one repeat
-    python benchmarks/memory.py --render benchmarks/results/memory.json
+    python -m benchmarks.memory          # about 50 minutes on 2 busy cores
+    python -m benchmarks.memory --quick  # about a minute: small model, tf
+                                         # mode, no XLA, one repeat
+    python -m benchmarks.memory --render benchmarks/results/memory.json
 
-Writes benchmarks/results/memory.json and .md (--quick: memory.quick.json
+Writes benchmarks/results/memory.json and .md (--quick: memory_quick.json
 and .md) and prints the tables.
 """
 
@@ -102,14 +102,13 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import resource
 import subprocess
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from benchmarks import harness
+
+ROOT = harness.ROOT
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "sam_skip",
             "asam_skip", "gsam", "looksam", "gsam_skip", "looksam_skip",
             "fsam", "wsam", "msam", "fsam_skip", "wsam_skip"]
@@ -171,37 +170,15 @@ def _reset_peak_rss():
         return False
 
 
-def child(config):
-    """Builds one variant, runs its steps and returns the raw measurements
-    (bytes)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-    import numpy as np
-    import tensorflow as tf
+def _tf_memory(tf, counting):
+    """Live-tensor bytes and their peak from TensorFlow's counters (zeros
+    when the allocator does not count)."""
+    if not counting:
+        return {"current": 0, "peak": 0}
+    return tf.config.experimental.get_memory_info("CPU:0")
 
-    import keras_asam
 
-    needed = VARIANT_CLASSES.get(config["variant"])
-    variant_class = getattr(getattr(keras_asam, "variants", None), needed,
-                            None) if needed else None
-    if needed and variant_class is None:
-        return {"skipped": f"keras_asam.variants.{needed} is not in this "
-                           "version of the library",
-                "library": os.path.dirname(os.path.dirname(
-                    keras_asam.__file__))}
-
-    if config.get("setup"):
-        # An experiment: a Python file run here, e.g. to monkeypatch the step.
-        with open(config["setup"]) as f:
-            exec(compile(f.read(), config["setup"], "exec"), {})
-
-    tf_counters = config["mode"] == "tf"
-
-    def tf_memory():
-        if not tf_counters:
-            return {"current": 0, "peak": 0}
-        return tf.config.experimental.get_memory_info("CPU:0")
-
+def _floor_class(keras, tf):
     class TwoPassFloor(keras.Model):
         """Two gradients at w per step, the second applied (as in
         step_time.py): pass 2 takes `x * (||g|| >= 0)`, bitwise x but
@@ -233,91 +210,124 @@ def child(config):
                 zip(second, self.trainable_variables))
             return self.compute_metrics(x, y, y_pred)
 
-    layers = config["layers"]
+    return TwoPassFloor
+
+
+def _builders(keras_asam, floor, variant_class):
+    """Each variant's model around the network `inner`."""
+    asam, sam = keras_asam.ASAMModel, keras_asam.SAMModel
+    skip = {"non_finite_step": "skip"}
+    looksam = {"looksam_alpha": LOOKSAM_ALPHA, "asam_every": LOOKSAM_EVERY}
+
+    def fsam(inner, **kwargs):
+        return asam(inner, variant=variant_class(sigma=FSAM_SIGMA,
+                                                 lmbda=FSAM_LMBDA), **kwargs)
+
+    def wsam(inner, **kwargs):
+        return asam(inner, variant=variant_class(WSAM_GAMMA), **kwargs)
+
+    return {
+        "base": lambda inner: inner,
+        "floor": floor,
+        "sam": sam,
+        "asam": asam,
+        "asam_filter": lambda i: asam(i, normalization="filterwise"),
+        "sam_skip": lambda i: sam(i, **skip),
+        "asam_skip": lambda i: asam(i, **skip),
+        "gsam": lambda i: asam(i, gsam_alpha=GSAM_ALPHA),
+        "looksam": lambda i: asam(i, **looksam),
+        "gsam_skip": lambda i: asam(i, gsam_alpha=GSAM_ALPHA, **skip),
+        "looksam_skip": lambda i: asam(i, **looksam, **skip),
+        "fsam": fsam,
+        "wsam": wsam,
+        "fsam_skip": lambda i: fsam(i, **skip),
+        "wsam_skip": lambda i: wsam(i, **skip),
+        # The optimizer as for the others (no slots): `over base` is then
+        # what Momentum-SAM itself holds.
+        "msam": lambda i: sam(i, rho=MSAM_RHO,
+                              variant=variant_class(MSAM_MOMENTUM)),
+    }
+
+
+def _data(keras, np, tf, config):
+    """One batch for the MLP of `config["layers"]`, repeated."""
     keras.utils.set_random_seed(0)
     rs = np.random.RandomState(0)
-    x = rs.rand(config["batch_size"], layers[0]).astype("float32")
+    x = rs.rand(config["batch_size"], config["layers"][0]).astype("float32")
     y = rs.randint(0, 10, config["batch_size"])
-    data = tf.data.Dataset.from_tensors((x, y)).cache().repeat()
+    return tf.data.Dataset.from_tensors((x, y)).cache().repeat()
 
-    _trim()
-    before, tf_before = _status(), tf_memory()
+
+def _mlp(keras, layers):
     inputs = keras.Input((layers[0],))
     h = inputs
     for units in layers[1:]:
         h = keras.layers.Dense(units, activation="relu")(h)
-    inner = keras.Model(inputs, keras.layers.Dense(10)(h))
-    model = {
-        "base": lambda: inner,
-        "floor": lambda: TwoPassFloor(inner),
-        "sam": lambda: keras_asam.SAMModel(inner),
-        "asam": lambda: keras_asam.ASAMModel(inner),
-        "asam_filter": lambda: keras_asam.ASAMModel(
-            inner, normalization="filterwise"),
-        "sam_skip": lambda: keras_asam.SAMModel(
-            inner, non_finite_step="skip"),
-        "asam_skip": lambda: keras_asam.ASAMModel(
-            inner, non_finite_step="skip"),
-        "gsam": lambda: keras_asam.ASAMModel(inner, gsam_alpha=GSAM_ALPHA),
-        "looksam": lambda: keras_asam.ASAMModel(
-            inner, looksam_alpha=LOOKSAM_ALPHA, asam_every=LOOKSAM_EVERY),
-        "gsam_skip": lambda: keras_asam.ASAMModel(
-            inner, gsam_alpha=GSAM_ALPHA, non_finite_step="skip"),
-        "looksam_skip": lambda: keras_asam.ASAMModel(
-            inner, looksam_alpha=LOOKSAM_ALPHA, asam_every=LOOKSAM_EVERY,
-            non_finite_step="skip"),
-        "fsam": lambda: keras_asam.ASAMModel(
-            inner, variant=variant_class(sigma=FSAM_SIGMA, lmbda=FSAM_LMBDA)),
-        "wsam": lambda: keras_asam.ASAMModel(
-            inner, variant=variant_class(WSAM_GAMMA)),
-        "fsam_skip": lambda: keras_asam.ASAMModel(
-            inner, variant=variant_class(sigma=FSAM_SIGMA, lmbda=FSAM_LMBDA),
-            non_finite_step="skip"),
-        "wsam_skip": lambda: keras_asam.ASAMModel(
-            inner, variant=variant_class(WSAM_GAMMA),
-            non_finite_step="skip"),
-        # The optimizer as for the others (no slots): `over base` is then
-        # what Momentum-SAM itself holds.
-        "msam": lambda: keras_asam.SAMModel(
-            inner, rho=MSAM_RHO, variant=variant_class(MSAM_MOMENTUM)),
-    }[config["variant"]]()
+    return keras.Model(inputs, keras.layers.Dense(10)(h))
+
+
+def _run_steps(model, data, steps, tf, counting):
+    """Fits `steps` steps; their seconds, and the peaks after them."""
+    start = time.perf_counter()
+    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0,
+              shuffle=False)
+    return (time.perf_counter() - start, _status(),
+            _tf_memory(tf, counting))
+
+
+def child(config):
+    """Builds one variant, runs its steps and returns the raw measurements
+    (bytes)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_asam
+
+    library = os.path.dirname(os.path.dirname(os.path.realpath(
+        keras_asam.__file__)))
+    needed = VARIANT_CLASSES.get(config["variant"])
+    variant_class = getattr(getattr(keras_asam, "variants", None), needed,
+                            None) if needed else None
+    if needed and variant_class is None:
+        return {"skipped": f"keras_asam.variants.{needed} is not in this "
+                           "version of the library", "library": library}
+    counting = config["mode"] == "tf"
+    data = _data(keras, np, tf, config)
+    _trim()
+    before, tf_before = _status(), _tf_memory(tf, counting)
+    inner = _mlp(keras, config["layers"])
+    model = _builders(keras_asam, _floor_class(keras, tf), variant_class)[
+        config["variant"]](inner)
     model.compile(
         optimizer=keras.optimizers.SGD(0.01),  # no momentum: no slots
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=config["jit"],
     )
     model.optimizer.build(model.trainable_variables)
-    slots = len(model.optimizer.variables) - 1  # all but `iterations`
-
     _trim()
-    built, tf_built = _status(), tf_memory()
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=config["warmup_steps"], epochs=1,
-              verbose=0, shuffle=False)
-    warmup_seconds = time.perf_counter() - start
-    warm, tf_warm = _status(), tf_memory()
-
+    built, tf_built = _status(), _tf_memory(tf, counting)
+    warmup_seconds, warm, tf_warm = _run_steps(
+        model, data, config["warmup_steps"], tf, counting)
     _trim()
-    if tf_counters:
+    if counting:
         tf.config.experimental.reset_memory_stats("CPU:0")
     reset = _reset_peak_rss()
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=config["steps"], epochs=1, verbose=0,
-              shuffle=False)
-    step_seconds = (time.perf_counter() - start) / config["steps"]
-    measured, tf_measured = _status(), tf_memory()
+    seconds, measured, tf_measured = _run_steps(model, data, config["steps"],
+                                                tf, counting)
     _trim()
     after = _status()
-
     return {
-        "library": os.path.dirname(os.path.dirname(keras_asam.__file__)),
+        "library": library,
         "keras_asam_version": keras_asam.__version__,
         "params": inner.count_params(),
-        "optimizer_slots": slots,
+        # All but `iterations`.
+        "optimizer_slots": len(model.optimizer.variables) - 1,
         "train_steps": int(model.optimizer.iterations.numpy()),
         "hwm_reset": reset,
         "warmup_seconds": warmup_seconds,
-        "step_seconds": step_seconds,
+        "step_seconds": seconds / config["steps"],
         "rss": {"before": before["VmRSS"], "built": built["VmRSS"],
                 "peak": measured["VmHWM"], "after": after["VmRSS"]},
         "maxrss": {"built": built["maxrss"], "warm": warm["maxrss"],
@@ -345,8 +355,9 @@ def quantities(raw, mode):
 
 # -- the parent: one child per variant x XLA x mode x repeat ------------------
 
-def run_child(config):
-    env = dict(os.environ)
+def _child_env(config, directory):
+    """The allocator settings of the child's mode."""
+    env = harness.child_env(directory)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
     env.pop("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", None)
@@ -356,13 +367,18 @@ def run_child(config):
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         if config["mode"] == "rss":
             env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "1"
-    if config.get("library"):  # Another checkout's keras_asam.
-        env["PYTHONPATH"] = os.pathsep.join(
-            [config["library"]] + [p for p in [env.get("PYTHONPATH")] if p])
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child",
-         json.dumps(config)],
-        env=env, cwd=ROOT, capture_output=True, text=True)
+    return env
+
+
+def run_child(config):
+    """One measurement in a fresh process (`python -m benchmarks.memory
+    --child CONFIG`), importing the `keras_asam` of `config["library"]`
+    (default: this repository's)."""
+    with harness.library_dir(config.get("library")) as directory:
+        result = subprocess.run(
+            harness.module_command("memory", "--child", json.dumps(config)),
+            env=_child_env(config, directory), cwd=directory,
+            capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines()
              if line.startswith("{")]
     if result.returncode != 0 or not lines:
@@ -413,103 +429,111 @@ def _p(value):
     return f"{0.0 if abs(value) < 0.005 else value:.2f}"
 
 
-def render_markdown(report):
-    """Markdown tables of a results report (as written to the JSON)."""
-    arguments = report["arguments"]
-    params = report.get("params")
-    lines = [
-        "state: memory held after building (weights; LookSAM also g_v). "
-        "step: peak during the measured steps over that, including what "
-        "the compiled step keeps allocated between steps (kept). "
-        "footprint = state + step; over base, over floor: footprint minus "
-        "theirs. allowed: over the floor, the saved weights (GSAM, WSAM "
-        "also g, F-SAM also m, LookSAM also g and g_v), plus 10%; over "
-        "base for Momentum-SAM (one pass): v and the saved weights, plus "
-        "10%.", ""]
-    mode_titles = {
-        "tf": "TensorFlow's allocator counters (bytes of live tensors)",
-        "rss": "resident set of the process (VmHWM, VmRSS), system "
-               "allocator",
-        "rss_pool": "resident set of the process (VmHWM, VmRSS), "
-                    "TensorFlow's default oneDNN pool allocator",
-    }
-    for key, rows in report["summary"].items():
-        xla, mode = key.split("/")
-        lines += [f"**{'With' if xla == 'xla' else 'Without'} XLA, "
-                  f"{mode_titles[mode]}**, in P = {4 * params / 2**20:.1f} "
-                  "MiB (min over repeats; range of `step` in brackets):", ""]
-        lines += ["| variant | state | step | kept | footprint | over base "
-                  "| over floor | allowed |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for variant, row in rows.items():
-            allowed, over = ALLOWED_OVER_FLOOR.get(variant), "floor"
-            if variant in ALLOWED_OVER_BASE:
-                allowed, over = ALLOWED_OVER_BASE[variant], "base"
-            verdict = ""
-            if allowed is not None and row["over_" + over] is not None:
-                verdict = (f"{allowed:.1f} over {over} "
-                           + ("met" if row["over_" + over] <= allowed
-                              else "**missed**"))
-            step = _p(row["step"])
-            if row["repeats"] > 1 and row["step"] is not None:
-                step += f" [{_p(row['step_max'])}]"
-            lines.append(
-                f"| {variant} | {_p(row['state'])} | {step} | "
-                f"{_p(row['kept'])} | {_p(row['footprint'])} | "
-                f"{_p(row['over_base'])} | {_p(row['over_floor'])} | "
-                f"{verdict} |")
-        lines.append("")
-    if report.get("skipped"):
-        lines += ["Skipped: " + "; ".join(
-            f"{v}: {reason}" for v, reason in report["skipped"].items())
-            + ".", ""]
-    firsts = [(key, rows) for key, rows in report["summary"].items()
+LEGEND = (
+    "state: memory held after building (weights; LookSAM also g_v). "
+    "step: peak during the measured steps over that, including what "
+    "the compiled step keeps allocated between steps (kept). "
+    "footprint = state + step; over base, over floor: footprint minus "
+    "theirs. allowed: over the floor, the saved weights (GSAM, WSAM "
+    "also g, F-SAM also m, LookSAM also g and g_v), plus 10%; over "
+    "base for Momentum-SAM (one pass): v and the saved weights, plus "
+    "10%.")
+MODE_TITLES = {
+    "tf": "TensorFlow's allocator counters (bytes of live tensors)",
+    "rss": "resident set of the process (VmHWM, VmRSS), system allocator",
+    "rss_pool": "resident set of the process (VmHWM, VmRSS), "
+                "TensorFlow's default oneDNN pool allocator",
+}
+
+
+def _verdict(variant, row):
+    allowed, over = ALLOWED_OVER_FLOOR.get(variant), "floor"
+    if variant in ALLOWED_OVER_BASE:
+        allowed, over = ALLOWED_OVER_BASE[variant], "base"
+    if allowed is None or row["over_" + over] is None:
+        return ""
+    return (f"{allowed:.1f} over {over} "
+            + ("met" if row["over_" + over] <= allowed else "**missed**"))
+
+
+def _mode_table(key, rows, params):
+    """The table of one XLA setting and mode."""
+    xla, mode = key.split("/")
+    lines = [f"**{'With' if xla == 'xla' else 'Without'} XLA, "
+             f"{MODE_TITLES[mode]}**, in P = {4 * params / 2**20:.1f} "
+             "MiB (min over repeats; range of `step` in brackets):", "",
+             "| variant | state | step | kept | footprint | over base "
+             "| over floor | allowed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant, row in rows.items():
+        step = _p(row["step"])
+        if row["repeats"] > 1 and row["step"] is not None:
+            step += f" [{_p(row['step_max'])}]"
+        lines.append(
+            f"| {variant} | {_p(row['state'])} | {step} | "
+            f"{_p(row['kept'])} | {_p(row['footprint'])} | "
+            f"{_p(row['over_base'])} | {_p(row['over_floor'])} | "
+            f"{_verdict(variant, row)} |")
+    return lines + [""]
+
+
+def _first_table(summary):
+    """`ru_maxrss` growth over the warm-up steps (rss mode), if measured."""
+    firsts = [(key, rows) for key, rows in summary.items()
               if key.endswith("/rss")]
-    if firsts:
-        lines += ["`ru_maxrss` growth over the warm-up steps (tracing and "
-                  "compilation included), in P, min over repeats:", "",
-                  "| XLA | " + " | ".join(firsts[0][1]) + " |",
-                  "|---|" + "---|" * len(firsts[0][1])]
-        for key, rows in firsts:
-            lines.append(f"| {'on' if key.startswith('xla') else 'off'} | "
-                         + " | ".join(_p(r["first"]) for r in rows.values())
-                         + " |")
-        lines.append("")
-    versions = report["versions"]
+    if not firsts:
+        return []
+    lines = ["`ru_maxrss` growth over the warm-up steps (tracing and "
+             "compilation included), in P, min over repeats:", "",
+             "| XLA | " + " | ".join(firsts[0][1]) + " |",
+             "|---|" + "---|" * len(firsts[0][1])]
+    for key, rows in firsts:
+        lines.append(f"| {'on' if key.startswith('xla') else 'off'} | "
+                     + " | ".join(_p(r["first"]) for r in rows.values())
+                     + " |")
+    return lines + [""]
+
+
+def _footer(report):
+    arguments, params = report["arguments"], report.get("params")
+    versions, commit = report["versions"], harness.commit_of(report)
+    changed = harness.library_changes_of(report)
+    at_end = report.get("commit_at_end")
     footer = (f"TensorFlow {versions['tensorflow']}, Keras "
-              f"{versions['keras']}, {report['machine']['cpu_count']} CPU "
-              f"cores, commit {str(report['commit'])[:10]}"
-              + (f" (at the end {str(report['commit_at_end'])[:10]})"
-                 if report.get("commit_at_end") not in (None,
-                                                        report["commit"])
-                 else "")
+              f"{versions['keras']}, {harness.cpu_count_of(report)} CPU "
+              f"cores, commit {commit[:10]}"
+              + (f" (at the end {str(at_end)[:10]})"
+                 if at_end not in (None, report.get("commit")) else "")
               + (" + uncommitted " + ", ".join(
-                  line.split()[-1] for line in report["library_modified"])
-                 if isinstance(report.get("library_modified"), list)
-                 and report["library_modified"] else "")
-              + (f" (library from {report['arguments']['library']})"
-                 if report["arguments"].get("library") else "")
+                  line.split()[-1] for line in changed) if changed else "")
+              + (f" (library from {arguments['library']})"
+                 if arguments.get("library") else "")
               + f", MLP {'-'.join(map(str, arguments['layers']))}-10 "
               f"({params:,} parameters), batch {arguments['batch_size']}, "
               f"{arguments['warmup_steps']} + {arguments['steps']} steps, "
               f"{arguments['repeats']} repeats")
-    if arguments.get("setup"):
+    if arguments.get("setup"):  # Runs of earlier versions of this script.
         footer += f", setup {os.path.basename(arguments['setup'])}"
     if report.get("wall_seconds") is not None:
         footer += f", {report['wall_seconds'] / 60:.1f} minutes in all"
-    lines.append(footer + ".")
+    return footer + "."
+
+
+def render_markdown(report):
+    """Markdown tables of a results report (as written to the JSON)."""
+    lines = [LEGEND, ""]
+    for key, rows in report["summary"].items():
+        lines += _mode_table(key, rows, report.get("params"))
+    if report.get("skipped"):
+        lines += ["Skipped: " + "; ".join(
+            f"{v}: {reason}" for v, reason in report["skipped"].items())
+            + ".", ""]
+    lines += _first_table(report["summary"])
+    lines.append(_footer(report))
     return "\n".join(lines) + "\n"
 
 
-def _git(*args, cwd=ROOT):
-    try:
-        return subprocess.check_output(["git", *args], cwd=cwd, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0].replace("\n", " "),
         epilog="Measures every variant in its own process; see the module "
@@ -541,16 +565,12 @@ def main(argv=None):
                              + ", ".join(VARIANTS) + ")")
     parser.add_argument("--library", default=None, metavar="DIR",
                         help="a checkout whose keras_asam the children "
-                             "import (first on their PYTHONPATH; default: "
-                             "the installed one)")
-    parser.add_argument("--setup", default=None, metavar="FILE",
-                        help="a Python file each child runs after importing "
-                             "keras_asam (an experiment, e.g. a monkeypatch)")
+                             "import (default: this repository's)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of about a minute: MLP "
                              + "-".join(map(str, QUICK_LAYERS))
                              + "-10, tf mode, no XLA, one repeat; writes "
-                               "memory.quick.json/.md")
+                               "memory_quick.json/.md")
     parser.add_argument("--output", default=None,
                         help="results JSON (default "
                              "benchmarks/results/memory.json)")
@@ -559,109 +579,87 @@ def main(argv=None):
                              "JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.modes, args.jit, args.repeats = (
+            QUICK_LAYERS, ["tf"], "off", 1)
+    args.output = args.output or harness.results_path(
+        "memory_quick" if args.quick else "memory")
+    if args.library:
+        args.library = os.path.abspath(args.library)
+    args.variants = [v for v in VARIANTS if v in args.variants]
+    return args
+
+
+def _configs(args):
+    """Every child's configuration, in the order they run."""
+    variants = [v for v in VARIANTS if v in args.variants]
+    modes = [m for m in MODES if m in args.modes]
+    jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
+    return [(repeat, {"variant": variant, "jit": jit, "mode": mode,
+                      "layers": args.layers, "batch_size": args.batch_size,
+                      "warmup_steps": args.warmup_steps,
+                      "steps": args.steps, "library": args.library})
+            for repeat in range(args.repeats) for jit in jits
+            for mode in modes for variant in variants]
+
+
+def measure_all(configs):
+    """Runs every child; the runs and the variants skipped (with why)."""
+    runs, skipped = [], {}
+    for repeat, config in configs:
+        variant, mode = config["variant"], config["mode"]
+        if variant in skipped:
+            continue
+        child_start = time.perf_counter()
+        raw = run_child(config)
+        if "skipped" in raw:
+            skipped[variant] = raw["skipped"]
+            print(f"{variant}: skipped ({raw['skipped']})", flush=True)
+            continue
+        q = quantities(raw, mode)
+        unit = 4.0 * raw["params"]
+        runs.append({"variant": variant, "jit": config["jit"], "mode": mode,
+                     "repeat": repeat, "quantities": q, "raw": raw,
+                     "wall_seconds": time.perf_counter() - child_start})
+        print(f"[{len(runs)}/{len(configs)}] repeat {repeat} XLA "
+              f"{'on' if config['jit'] else 'off'} {mode} {variant}: "
+              + ", ".join(f"{k} {_p(None if v is None else v / unit)}"
+                          for k, v in q.items())
+              + f" P ({runs[-1]['wall_seconds']:.0f} s)", flush=True)
+    return runs, skipped
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return
     if args.render:
-        with open(args.render) as f:
-            report = json.load(f)
+        report = harness.load(args.render)
         report["summary"] = summarize(report["runs"], VARIANTS)
         print(render_markdown(report), end="")
         return
-    if args.quick:
-        args.layers, args.modes, args.jit, args.repeats = (
-            QUICK_LAYERS, ["tf"], "off", 1)
-    if args.output is None:
-        args.output = os.path.join(
-            HERE, "results", "memory.quick.json" if args.quick
-            else "memory.json")
-    if args.setup:
-        args.setup = os.path.abspath(args.setup)
-    if args.library:
-        args.library = os.path.abspath(args.library)
-    library = args.library or ROOT
-    variants = [v for v in VARIANTS if v in args.variants]
-    modes = [m for m in MODES if m in args.modes]
-    jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
-
+    record = harness.provenance(args, checkout=args.library or ROOT)
     start = time.perf_counter()
-    commit = _git("rev-parse", "HEAD", cwd=library)
-    library_modified = (_git("status", "--porcelain", "keras_asam",
-                             cwd=library) or "").splitlines()
-    runs, skipped = [], {}
-    total = args.repeats * len(jits) * len(modes) * len(variants)
-    for repeat in range(args.repeats):
-        for jit in jits:
-            for mode in modes:
-                for variant in variants:
-                    config = {"variant": variant, "jit": jit, "mode": mode,
-                              "layers": args.layers,
-                              "batch_size": args.batch_size,
-                              "warmup_steps": args.warmup_steps,
-                              "steps": args.steps, "setup": args.setup,
-                              "library": args.library}
-                    if variant in skipped:
-                        continue
-                    child_start = time.perf_counter()
-                    raw = run_child(config)
-                    if "skipped" in raw:
-                        skipped[variant] = raw["skipped"]
-                        print(f"{variant}: skipped ({raw['skipped']})",
-                              flush=True)
-                        continue
-                    q = quantities(raw, mode)
-                    unit = 4.0 * raw["params"]
-                    runs.append({"variant": variant, "jit": jit,
-                                 "mode": mode, "repeat": repeat,
-                                 "quantities": q, "raw": raw,
-                                 "wall_seconds":
-                                     time.perf_counter() - child_start})
-                    print(f"[{len(runs)}/{total}] repeat {repeat} XLA "
-                          f"{'on' if jit else 'off'} {mode} {variant}: "
-                          + ", ".join(
-                              f"{k} {_p(None if v is None else v / unit)}"
-                              for k, v in q.items())
-                          + f" P ({runs[-1]['wall_seconds']:.0f} s)",
-                          flush=True)
-
-    import keras
-    import tensorflow as tf
-
-    import keras_asam
-
+    runs, skipped = measure_all(_configs(args))
+    # The library as the children imported it (`--library`).
+    record["versions"]["keras_asam"] = runs[0]["raw"]["keras_asam_version"]
     report = {
-        "machine": {"platform": platform.platform(),
-                    "processor": platform.processor(),
-                    "cpu_count": os.cpu_count()},
-        "versions": {"python": sys.version.split()[0],
-                     "tensorflow": tf.__version__,
-                     "keras": keras.version(),
-                     # As the children imported it (`--library`).
-                     "keras_asam": runs[0]["raw"].get(
-                         "keras_asam_version", keras_asam.__version__)},
-        "commit": commit,
-        "commit_at_end": _git("rev-parse", "HEAD", cwd=library),
-        # Uncommitted changes to the library when the run started, if any.
-        "library_modified": library_modified,
-        "arguments": vars(args),
+        **record,
+        "commit_at_end": harness.git("rev-parse", "HEAD",
+                                     cwd=args.library or ROOT),
         "params": runs[0]["raw"]["params"],
         "parameter_bytes": 4 * runs[0]["raw"]["params"],
         "allowed_over_floor": ALLOWED_OVER_FLOOR,
         "wall_seconds": time.perf_counter() - start,
-        "summary": summarize(runs, variants),
+        "summary": summarize(runs, args.variants),
         "skipped": skipped,
         "runs": runs,
     }
     markdown_text = render_markdown(report)
     print("\nPeak memory of a training step, in parameter bytes P\n")
     print(markdown_text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=1)
-    markdown = os.path.splitext(args.output)[0] + ".md"
-    with open(markdown, "w") as f:
-        f.write(markdown_text)
-    print(f"Wrote {args.output} and {markdown}")
+    harness.write_results(report, args.output, markdown_text)
 
 
 if __name__ == "__main__":
