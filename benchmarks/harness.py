@@ -85,6 +85,8 @@ def versions(extra=()):
         except PackageNotFoundError:
             if key not in PACKAGES:
                 found[key] = None
+    if "keras_asam" in sys.modules:  # As imported (PYTHONPATH, --library).
+        found["keras_asam"] = sys.modules["keras_asam"].__version__
     if "keras" in sys.modules:  # The backend this process runs on.
         found["backend"] = sys.modules["keras"].backend.backend()
     return found

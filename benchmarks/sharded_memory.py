@@ -11,29 +11,23 @@ the weights. It counts what is allocated for the state, not a peak: on CPU
 `jax.Device.memory_stats()` returns None, so the peak per device can only
 be measured on a GPU or TPU.
 
-    python benchmarks/sharded_memory.py   # 8 virtual CPU devices, ~30 s
+    python -m benchmarks.sharded_memory   # 8 virtual CPU devices, ~30 s
 
 Writes `benchmarks/results/sharded_memory.json` and `.md`.
 """
 
-import json
+import argparse
 import os
-import platform
-import subprocess
-import sys
 import time
 
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
 import keras_asam  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 WIDTH = 2048
 VARIANTS = {
@@ -78,50 +72,56 @@ def measure(distribution, options):
             "weight_bytes_total": sum(a.nbytes for a in weights)}
 
 
-def main():
-    start = time.time()
-    devices = keras.distribution.list_devices()
+def engines(devices):
+    """DataParallel and ModelParallel on a (2, 4) mesh of `devices`, the
+    kernels split over its 4-way 'model' axis."""
     mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
     layout_map = keras.distribution.LayoutMap(mesh)
     layout_map["up/kernel"] = (None, "model")
     layout_map["middle/kernel"] = ("model", None)
     layout_map["down/kernel"] = ("model", None)
-    engines = {
+    return {
         "DataParallel": keras.distribution.DataParallel(devices=devices),
         "ModelParallel (2, 4)": keras.distribution.ModelParallel(
             layout_map=layout_map, batch_dim_name="batch"),
     }
-    rows = []
-    for name, options in VARIANTS.items():
-        for engine, distribution in engines.items():
-            result = measure(distribution, options())
-            rows.append(dict(variant=name, engine=engine, **result))
-            print(f"{name:8s} {engine:22s} state per device "
-                  f"{result['state_bytes_per_device']:>12,d} of "
-                  f"{result['state_bytes_total']:>12,d} bytes", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE,
-                            capture_output=True, text=True).stdout.strip()
-    meta = {"commit": commit, "jax": jax.__version__,
-            "keras": keras.version(), "python": platform.python_version(),
-            "devices": f"{len(devices)} virtual CPU devices",
-            "model": f"Dense 256-{WIDTH}-{WIDTH}-10",
-            "seconds": round(time.time() - start, 1)}
-    results = os.path.join(HERE, "results")
-    with open(os.path.join(results, "sharded_memory.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def markdown(report):
     lines = ["| variant | engine | state per device (bytes) | state in all "
              "| per device / in all |", "|---|---|---|---|---|"]
-    for row in rows:
+    for row in report["rows"]:
         lines.append(
             f"| {row['variant']} | {row['engine']} | "
             f"{row['state_bytes_per_device']:,} | "
             f"{row['state_bytes_total']:,} | "
             f"{row['state_bytes_per_device'] / row['state_bytes_total']:.3f}"
             " |")
-    with open(os.path.join(results, "sharded_memory.md"), "w") as f:
-        f.write(f"Model {meta['model']}, {meta['devices']}, commit "
-                f"{commit[:10]}, JAX {meta['jax']}, Keras {meta['keras']}."
-                "\n\n" + "\n".join(lines) + "\n")
+    versions = report["versions"]
+    return (f"Model {report['model']}, {report['devices']}, commit "
+            f"{harness.commit_of(report)[:10]}, JAX {versions['jax']}, "
+            f"Keras {versions['keras']}.\n\n" + "\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default=harness.results_path(
+        "sharded_memory"))
+    args = parser.parse_args(argv)
+    record, start = harness.provenance(args), time.time()
+    devices = keras.distribution.list_devices()
+    rows, distributions = [], engines(devices)
+    for name, options in VARIANTS.items():
+        for engine, distribution in distributions.items():
+            result = measure(distribution, options())
+            rows.append(dict(variant=name, engine=engine, **result))
+            print(f"{name:8s} {engine:22s} state per device "
+                  f"{result['state_bytes_per_device']:>12,d} of "
+                  f"{result['state_bytes_total']:>12,d} bytes", flush=True)
+    report = {**record, "devices": f"{len(devices)} virtual CPU devices",
+              "model": f"Dense 256-{WIDTH}-{WIDTH}-10",
+              "seconds": round(time.time() - start, 1), "rows": rows}
+    harness.write_results(report, args.output, markdown(report))
 
 
 if __name__ == "__main__":

@@ -41,10 +41,10 @@ Variants that do not apply to a setting (XLA with `num_batch_splits` > 1,
 `perturb="normalization"` on a model without normalization layers) are
 skipped and reported as n/a.
 
-    python benchmarks/step_time.py             # about 20 minutes, 2 idle cores
-    python benchmarks/step_time.py --widths 1  # about 7 minutes
-    python benchmarks/step_time.py --quick     # about 2 minutes
-    python benchmarks/step_time.py --variants base floor asam gsam
+    python -m benchmarks.step_time             # about 20 minutes, 2 idle cores
+    python -m benchmarks.step_time --widths 1  # about 7 minutes
+    python -m benchmarks.step_time --quick     # about 2 minutes
+    python -m benchmarks.step_time --variants base floor asam gsam
 
 Writes benchmarks/results/step_time.json and .md and prints the tables.
 
@@ -58,8 +58,8 @@ runs one child process per backend, one after the other, and writes one table
 of absolute step times and ratios (benchmarks/results/step_time_backends.json
 and .md):
 
-    python benchmarks/step_time.py --backend jax --widths 1
-    python benchmarks/step_time.py --backends tensorflow jax torch
+    python -m benchmarks.step_time --backend jax --widths 1
+    python -m benchmarks.step_time --backends tensorflow jax torch
 
 Every step is timed to its completion: Keras' `fit` converts the logs of a
 step to Python numbers before `on_train_batch_end` on every backend, and on
@@ -68,9 +68,7 @@ step (`jax.block_until_ready`) before it reads the clock.
 """
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -99,13 +97,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402  (tf.data input on every backend)
 
 import keras_asam  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 try:  # Options that a backend's ASAM step does not implement.
     from keras_asam.backend import UNSUPPORTED  # noqa: E402
 except ImportError:  # A TensorFlow-only version of the library.
     UNSUPPORTED = {}
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "asam_every2",
             "asam_every5", "asam_norm", "gsam", "looksam5", "asam_split2",
             "asam_split8", "asam_split_b", "asam_skip", "fsam", "wsam",
@@ -528,9 +526,9 @@ def render_markdown(report):
                   for jit in sorted({r["jit"] for r in results})) + ")")
     footer = (f"{engine}, Keras "
               f"{versions['keras']}, {report['machine']['cpu_count']} CPU "
-              f"cores, commit {str(report['commit'])[:10]}"
+              f"cores, commit {harness.commit_of(report)[:10]}"
               + (" with uncommitted library changes"
-                 if report.get("uncommitted_library_files") else "") + ", "
+                 if harness.library_changes_of(report) else "") + ", "
               f"{arguments['rounds']} rounds of {arguments['steps']} steps")
     if "asam_split_b" in measured and "split_b_steps" in arguments:
         footer += f" ({arguments['split_b_steps']} for asam_split_b)"
@@ -557,19 +555,6 @@ def compile_mode(backend, jit):
     if backend == "jax":
         return "jax.jit (XLA)" if jit else "eager (no jax.jit)"
     return "torch.compile" if jit else "eager"
-
-
-def backend_versions(backend):
-    """The version of the backend's library (JAX, PyTorch)."""
-    if backend == "jax":
-        import jax
-
-        return {"jax": jax.__version__}
-    if backend == "torch":
-        import torch
-
-        return {"torch": torch.__version__}
-    return {}
 
 
 def render_backends(combined):
@@ -629,9 +614,9 @@ def render_backends(combined):
     any_report = next(iter(combined["backends"].values()))
     lines.append(
         f"\n{combined['machine']['cpu_count']} CPU cores, commit "
-        f"{str(combined['commit'])[:10]}"
+        f"{harness.commit_of(combined)[:10]}"
         + (" with uncommitted library changes"
-           if combined.get("uncommitted_library_files") else "")
+           if harness.library_changes_of(combined) else "")
         + f", {combined['wall_seconds'] / 60:.1f} minutes in all; one "
         "process per backend, run one after the other"
         + (f" (Python {any_report['versions']['python']})"
@@ -641,75 +626,34 @@ def render_backends(combined):
 
 def run_backends(args):
     """`--backends`: one child process per backend, then one table."""
-    output = args.output or os.path.join(HERE, "results",
-                                         "step_time_backends.json")
-    passed = ["--rounds", str(args.rounds), "--steps", str(args.steps),
-              "--split-b-steps", str(args.split_b_steps),
-              "--batch-size", str(args.batch_size), "--jit", args.jit,
+    output = args.output or harness.results_path("step_time_backends")
+    passed = ["--rounds", args.rounds, "--steps", args.steps,
+              "--split-b-steps", args.split_b_steps,
+              "--batch-size", args.batch_size, "--jit", args.jit,
               "--architectures", *args.architectures,
-              "--widths", *map(str, args.widths),
+              "--widths", *args.widths,
               "--variants", *args.variants] + (["--quick"] * args.quick)
-    source = {"commit": commit(),
-              "uncommitted_library_files": uncommitted_library_files()}
+    combined = {**harness.provenance(args), "backends": {}}
     start = time.perf_counter()
-    combined = {"machine": {"platform": platform.platform(),
-                            "processor": platform.processor(),
-                            "cpu_count": os.cpu_count()},
-                **source, "arguments": vars(args), "backends": {}}
     stem = os.path.splitext(output)[0]
     for backend in args.backends:
         child_output = f"{stem}.{backend}.json"
-        command = [sys.executable, os.path.abspath(__file__), "--backend",
-                   backend, "--output", child_output, *passed]
+        command = harness.module_command("step_time", "--backend", backend,
+                                         "--output", child_output, *passed)
         print("$", " ".join(command[1:]), flush=True)
-        done = subprocess.run(command, env=dict(os.environ,
-                                                KERAS_BACKEND=backend))
-        if done.returncode == 0:
-            with open(child_output) as f:
-                combined["backends"][backend] = json.load(f)
-        else:
-            combined["backends"][backend] = {
-                "error": f"exit status {done.returncode}"}
+        done = subprocess.run(command, cwd=harness.ROOT, env=dict(
+            os.environ, KERAS_BACKEND=backend))
+        combined["backends"][backend] = (
+            harness.load(child_output) if done.returncode == 0
+            else {"error": f"exit status {done.returncode}"})
     combined["wall_seconds"] = time.perf_counter() - start
     text = render_backends(combined)
     print()
     print(text)
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(combined, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    print(f"Wrote {output} and {stem}.md")
+    harness.write_results(combined, output, text)
 
 
-# The repository of the library as imported (PYTHONPATH may point at another
-# checkout than the one of this script).
-LIBRARY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(
-    keras_asam.__file__)))
-
-
-def commit():
-    """The commit of the imported library's checkout."""
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=LIBRARY_ROOT, text=True,
-            stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def uncommitted_library_files():
-    """Files of `keras_asam` that differ from the commit (as imported)."""
-    try:
-        status = subprocess.check_output(
-            ["git", "status", "--porcelain", "--", "keras_asam"],
-            cwd=LIBRARY_ROOT, text=True, stderr=subprocess.DEVNULL)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return [line[3:] for line in status.splitlines()]
-
-
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10,
@@ -750,12 +694,6 @@ def main(argv=None):
                         help="only print the Markdown tables of a results "
                              "JSON")
     args = parser.parse_args(argv)
-    if args.render:
-        with open(args.render) as f:
-            report = json.load(f)
-        print(render_backends(report) if "backends" in report
-              else render_markdown(report), end="")
-        return
     if args.quick:  # No XLA on TensorFlow (the auto mode below).
         args.rounds, args.widths = 3, [1]
     if args.widths is None:
@@ -763,12 +701,12 @@ def main(argv=None):
     if args.variants is None:
         args.variants = BACKEND_VARIANTS if args.backends else VARIANTS
     args.variants = [v for v in VARIANTS if v in args.variants]
-    if args.backends:
-        return run_backends(args)
+    if args.render or args.backends:
+        return args
     backend = keras.backend.backend()
     if args.backend is not None and args.backend != backend:
         parser.error(f"--backend {args.backend}: Keras was imported with the "
-                     f"{backend} backend (run this file as a script, or set "
+                     f"{backend} backend (run this module with -m, or set "
                      "KERAS_BACKEND)")
     args.backend = backend
     if args.jit == "auto":
@@ -777,69 +715,60 @@ def main(argv=None):
     if backend == "torch" and args.jit != "off":
         parser.error("--jit on: the PyTorch step of ASAMModel runs eagerly "
                      "(it ignores jit_compile); use --jit off on torch")
-    args.output = args.output or os.path.join(HERE, "results",
-                                              "step_time.json")
+    args.output = args.output or harness.results_path("step_time")
+    return args
+
+
+def measure_setting(setting, args):
+    """The record of one (architecture, width, XLA) setting."""
+    architecture, width, jit = setting
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    times, cpu_times, per_round, per_round_cpu, skipped = measure(setting,
+                                                                  args)
+    result = {
+        "architecture": architecture, "width": width, "jit": jit,
+        "params": build("base", *setting).count_params(),
+        "median_step_seconds": times, "ratios": ratios(times),
+        "median_step_cpu_seconds": cpu_times,
+        "cpu_ratios": ratios(cpu_times),
+        "per_round_seconds": per_round,
+        "per_round_cpu_seconds": per_round_cpu,
+        "skipped": skipped,
+        "wall_seconds": time.perf_counter() - start,
+        "load_average": [load_before, os.getloadavg()[0]],
+    }
+    print(f"{architecture} width {width} XLA {'on' if jit else 'off'} "
+          f"({result['wall_seconds']:.0f} s): "
+          + ", ".join(f"{v} {_ms(t)}" for v, t in times.items()), flush=True)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.render:
+        report = harness.load(args.render)
+        print(render_backends(report) if "backends" in report
+              else render_markdown(report), end="")
+        return
+    if args.backends:
+        return run_backends(args)
     jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
     # Parts of one example with BatchNorm: the library says what happens
     # (once per trace); timing is all that is measured here.
     warnings.filterwarnings("ignore", message=r"`num_batch_splits=")
-
-    # The library as imported: the tree may change while this runs.
-    source = {"commit": commit(),
-              "uncommitted_library_files": uncommitted_library_files()}
+    # The library as imported, when the run starts (the tree may change
+    # while this runs).
+    record = harness.provenance(args)
     start = time.perf_counter()
-    results = []
-    for architecture in args.architectures:
-        for width in args.widths:
-            for jit in jits:
-                setting = (architecture, width, jit)
-                setting_start = time.perf_counter()
-                load_before = os.getloadavg()[0]
-                times, cpu_times, per_round, per_round_cpu, skipped = (
-                    measure(setting, args))
-                results.append({
-                    "architecture": architecture, "width": width, "jit": jit,
-                    "params": build("base", *setting).count_params(),
-                    "median_step_seconds": times, "ratios": ratios(times),
-                    "median_step_cpu_seconds": cpu_times,
-                    "cpu_ratios": ratios(cpu_times),
-                    "per_round_seconds": per_round,
-                    "per_round_cpu_seconds": per_round_cpu,
-                    "skipped": skipped,
-                    "wall_seconds": time.perf_counter() - setting_start,
-                    "load_average": [load_before, os.getloadavg()[0]],
-                })
-                print(f"{architecture} width {width} XLA "
-                      f"{'on' if jit else 'off'} "
-                      f"({results[-1]['wall_seconds']:.0f} s): "
-                      + ", ".join(f"{v} {_ms(t)}" for v, t in times.items()),
-                      flush=True)
-
-    report = {
-        "machine": {"platform": platform.platform(),
-                    "processor": platform.processor(),
-                    "cpu_count": os.cpu_count()},
-        "versions": {"python": sys.version.split()[0],
-                     "backend": backend,
-                     "tensorflow": tf.__version__,
-                     **backend_versions(backend),
-                     "keras": keras.version(),
-                     "keras_asam": keras_asam.__version__},
-        **source,
-        "arguments": vars(args),
-        "wall_seconds": time.perf_counter() - start,
-        "results": results,
-    }
+    results = [measure_setting((architecture, width, jit), args)
+               for architecture in args.architectures
+               for width in args.widths for jit in jits]
+    report = {**record, "wall_seconds": time.perf_counter() - start,
+              "results": results}
     markdown_text = render_markdown(report)
     print()
     print(markdown_text)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=1)
-    markdown = os.path.splitext(args.output)[0] + ".md"
-    with open(markdown, "w") as f:
-        f.write(markdown_text)
-    print(f"Wrote {args.output} and {markdown}")
+    harness.write_results(report, args.output, markdown_text)
 
 
 if __name__ == "__main__":
