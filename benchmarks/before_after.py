@@ -1,15 +1,16 @@
 """Step time and memory of two versions of keras_asam, measured in one run.
 
 `--before DIR` is a checkout of the earlier version (e.g. `git worktree add
-/tmp/before 94c68a4`); the later one is `--after DIR` (put first on
-`sys.path`), by default the `keras_asam` this Python imports (the
-repository's working tree: pin a checkout if the tree may change during
-the run; each process records the commits it imported). Per backend, one
-process imports both: the
-earlier package is copied to a temporary directory (outside the
+/tmp/before 94c68a4`); the later one is `--after DIR`, by default this
+repository's `keras_asam` (its working tree: pin a checkout if the tree
+may change during the run; each process records the commits it imported).
+Per backend, one
+process (`python -m benchmarks.before_after --backend NAME`) imports both:
+the earlier package is copied to a temporary directory (outside the
 repository) as `keras_asam_before`, with every `keras_asam` in its sources
 renamed, so its imports resolve to the copy and its Keras registrations
-(`package="keras_asam"`) do not collide with the later version's. Both
+(`package="keras_asam"`) do not collide with the later version's; the
+children run from that directory, which also links the later `keras_asam`. Both
 build the same variants, and each variant's two versions are timed
 interleaved, before and after in turn in every round (their order reversed
 in every other round), the same way as `step_time.py` (a callback
@@ -31,11 +32,11 @@ and the later version alternately (`memory.py --library`), at the sizes of
 `memory.py --quick` (small MLP, live tensors, no XLA), `--memory-repeats`
 repeats each, minimum reported.
 
-    python benchmarks/before_after.py --before /tmp/before
-    python benchmarks/before_after.py --before /tmp/before --after /tmp/after
-    python benchmarks/before_after.py --before /tmp/before --backends jax \\
+    python -m benchmarks.before_after --before /tmp/before
+    python -m benchmarks.before_after --before /tmp/before --after /tmp/after
+    python -m benchmarks.before_after --before /tmp/before --backends jax \\
         --no-memory
-    python benchmarks/before_after.py --render \\
+    python -m benchmarks.before_after --render \\
         benchmarks/results/before_after.json
 
 Writes benchmarks/results/before_after.json and .md (each backend's
@@ -43,18 +44,17 @@ process also `before_after.<backend>.json`).
 """
 
 import argparse
-import json
+import contextlib
 import os
-import platform
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from benchmarks import harness
+
+ROOT = harness.ROOT
 BACKENDS = ["tensorflow", "jax", "torch"]
 # Variants from the library, per backend; base and floor are always timed.
 DEFAULT_VARIANTS = {"tensorflow": ["sam", "asam", "gsam", "looksam5"],
@@ -67,29 +67,10 @@ VERSIONS = ["before", "after"]
 AA = "asam_aa"  # A second copy of the later ASAM: the A/A control.
 
 
-def _git(*args, cwd=ROOT):
-    try:
-        return subprocess.check_output(["git", *args], cwd=cwd, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def source(before, after=None):
     """Commits and uncommitted library files of both checkouts."""
-    after = after or ROOT
-    return {
-        "before": {"path": before, "commit": _git("rev-parse", "HEAD",
-                                                  cwd=before),
-                   "uncommitted": (_git("status", "--porcelain", "--",
-                                        "keras_asam", cwd=before)
-                                   or "").splitlines()},
-        "after": {"path": after, "commit": _git("rev-parse", "HEAD",
-                                                cwd=after),
-                  "uncommitted": (_git("status", "--porcelain", "--",
-                                       "keras_asam", cwd=after)
-                                  or "").splitlines()},
-    }
+    return {name: {"path": path, **harness.source(path)}
+            for name, path in (("before", before), ("after", after or ROOT))}
 
 
 def copy_renamed(before, destination):
@@ -110,6 +91,17 @@ def copy_renamed(before, destination):
     return target
 
 
+@contextlib.contextmanager
+def staged(before, after=None):
+    """A temporary directory holding the earlier package, renamed, and a
+    link to the later `keras_asam`: the children run from it."""
+    with tempfile.TemporaryDirectory(prefix="keras_asam_before_") as tmp:
+        copy_renamed(before, tmp)
+        os.symlink(os.path.join(after or ROOT, "keras_asam"),
+                   os.path.join(tmp, "keras_asam"))
+        yield tmp
+
+
 def _median(values):
     import numpy as np
 
@@ -125,40 +117,88 @@ def _quartiles(values):
 # -- one backend, one process -------------------------------------------------
 
 def run_backend(args):
-    """Times both versions on the backend of this process."""
+    """Times both versions on the backend of this process (a child run from
+    a `staged` directory)."""
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    temporary = tempfile.mkdtemp(prefix="keras_asam_before_")
-    try:
-        copy_renamed(args.before, temporary)
-        sys.path.insert(0, temporary)
-        if args.after:  # Before the installed keras_asam.
-            sys.path.insert(0, args.after)
-        sys.path.insert(0, HERE)
-        # What this process imports (a working tree may move during a run).
-        imported = source(args.before, args.after)
-        import keras
-        import keras_asam_before
-        import numpy as np
-        import step_time
-        import tensorflow as tf
+    # What this process imports (a working tree may move during a run).
+    imported = source(args.before, args.after)
+    import keras
+    import keras_asam_before
 
-        import keras_asam
+    import keras_asam
+    from benchmarks import step_time
 
-        assert keras_asam_before.__file__.startswith(temporary)
-        assert os.path.samefile(
-            os.path.dirname(os.path.dirname(keras_asam.__file__)),
-            args.after or ROOT)
-        report = _time_backend(args, keras, np, tf, step_time,
-                               {"before": keras_asam_before,
-                                "after": keras_asam})
-        report["source"] = imported
-        return report
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    assert os.path.samefile(
+        os.path.dirname(os.path.dirname(os.path.realpath(
+            keras_asam_before.__file__))), os.getcwd())
+    assert os.path.samefile(
+        os.path.dirname(os.path.dirname(os.path.realpath(
+            keras_asam.__file__))), args.after or ROOT)
+    report = _time_backend(args, keras, step_time,
+                           {"before": keras_asam_before,
+                            "after": keras_asam})
+    report["source"] = imported
+    return report
 
 
-def _time_backend(args, keras, np, tf, step_time, libs):
+def _models(args, step_time, libs, setting, variants):
+    """base, floor, each variant before and after, and the A/A copy; and
+    the groups timed together (alternating their order)."""
+    models = {v: step_time.build(v, *setting, batch_size=args.batch_size)
+              for v in ["base", "floor"]}
+    groups = []
+    for v in variants:
+        group = []
+        for version in VERSIONS:
+            key = f"{version}:{v}"
+            models[key] = step_time.build(v, *setting,
+                                          batch_size=args.batch_size,
+                                          lib=libs[version])
+            group.append(key)
+        if v == "asam" and args.aa:
+            models[AA] = step_time.build(v, *setting,
+                                         batch_size=args.batch_size,
+                                         lib=libs["after"])
+            group.append(AA)
+        groups.append(group)
+    return models, groups
+
+
+def _time_setting(args, step_time, libs, setting, variants, backend):
+    """The record of one (architecture, XLA) setting."""
+    architecture, _, jit = setting
+    slow = architecture == "cnn" and (jit or backend == "torch")
+    steps = args.slow_steps if slow else args.steps
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    data = step_time.dataset(args.batch_size)
+    models, groups = _models(args, step_time, libs, setting, variants)
+    per_round, per_round_cpu = step_time.time_interleaved(
+        models, data, args.rounds, lambda key: steps, alternate=groups)
+    result = {
+        "architecture": architecture, "width": 1, "jit": jit,
+        "compiled_as": step_time.compile_mode(backend, jit),
+        "steps": steps, "params": models["base"].count_params(),
+        "per_round_seconds": per_round,
+        "per_round_cpu_seconds": per_round_cpu,
+        "wall_seconds": time.perf_counter() - start,
+        "load_average": [load_before, os.getloadavg()[0]],
+    }
+    result.update(summarize_setting(per_round, per_round_cpu, variants))
+    med = result["median_step_seconds"]
+    print(f"{backend} {architecture} XLA {'on' if jit else 'off'} "
+          f"({result['wall_seconds']:.0f} s, load "
+          f"{load_before:.1f}-{os.getloadavg()[0]:.1f}): "
+          + ", ".join(f"{k} {1000 * t:.1f} ms" for k, t in med.items()),
+          flush=True)
+    for v, r in result["after_over_before"].items():
+        print(f"  {v}: after/before wall {r['wall']:.3f} "
+              f"[{r['wall_range'][0]:.3f}-{r['wall_range'][-1]:.3f}]"
+              f", CPU {r['cpu']:.3f}", flush=True)
+    return result
+
+
+def _time_backend(args, keras, step_time, libs):
     backend = keras.backend.backend()
     jits = {"tensorflow": [False, True], "jax": [True],
             "torch": [False]}[backend]
@@ -166,63 +206,12 @@ def _time_backend(args, keras, np, tf, step_time, libs):
         jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
     variants = args.variants or DEFAULT_VARIANTS[backend]
     start = time.perf_counter()
-    results = []
-    for architecture in args.architectures:
-        for jit in jits:
-            setting = (architecture, 1, jit)
-            slow = architecture == "cnn" and (jit or backend == "torch")
-            steps = args.slow_steps if slow else args.steps
-            setting_start = time.perf_counter()
-            load_before = os.getloadavg()[0]
-            data = step_time.dataset(args.batch_size)
-            models = {v: step_time.build(v, *setting,
-                                         batch_size=args.batch_size)
-                      for v in ["base", "floor"]}
-            groups = []
-            for v in variants:
-                group = []
-                for version in VERSIONS:
-                    key = f"{version}:{v}"
-                    models[key] = step_time.build(
-                        v, *setting, batch_size=args.batch_size,
-                        lib=libs[version])
-                    group.append(key)
-                if v == "asam" and args.aa:
-                    models[AA] = step_time.build(
-                        v, *setting, batch_size=args.batch_size,
-                        lib=libs["after"])
-                    group.append(AA)
-                groups.append(group)
-            per_round, per_round_cpu = step_time.time_interleaved(
-                models, data, args.rounds, lambda key: steps,
-                alternate=groups)
-            result = {
-                "architecture": architecture, "width": 1, "jit": jit,
-                "compiled_as": step_time.compile_mode(backend, jit),
-                "steps": steps, "params": models["base"].count_params(),
-                "per_round_seconds": per_round,
-                "per_round_cpu_seconds": per_round_cpu,
-                "wall_seconds": time.perf_counter() - setting_start,
-                "load_average": [load_before, os.getloadavg()[0]],
-            }
-            result.update(summarize_setting(per_round, per_round_cpu,
-                                            variants))
-            results.append(result)
-            med = result["median_step_seconds"]
-            print(f"{backend} {architecture} XLA {'on' if jit else 'off'} "
-                  f"({result['wall_seconds']:.0f} s, load "
-                  f"{load_before:.1f}-{os.getloadavg()[0]:.1f}): "
-                  + ", ".join(f"{k} {1000 * t:.1f} ms"
-                              for k, t in med.items()), flush=True)
-            for v, r in result["after_over_before"].items():
-                print(f"  {v}: after/before wall {r['wall']:.3f} "
-                      f"[{r['wall_range'][0]:.3f}-{r['wall_range'][-1]:.3f}]"
-                      f", CPU {r['cpu']:.3f}", flush=True)
-    versions = {"python": sys.version.split()[0], "backend": backend,
-                "tensorflow": tf.__version__, "keras": keras.version(),
+    results = [_time_setting(args, step_time, libs, (architecture, 1, jit),
+                             variants, backend)
+               for architecture in args.architectures for jit in jits]
+    versions = {**harness.versions(),
                 "keras_asam_before": libs["before"].__version__,
-                "keras_asam_after": libs["after"].__version__,
-                **step_time.backend_versions(backend)}
+                "keras_asam_after": libs["after"].__version__}
     return {"backend": backend, "versions": versions, "results": results,
             "variants": variants,
             "wall_seconds": time.perf_counter() - start}
@@ -271,8 +260,7 @@ def summarize_setting(per_round, per_round_cpu, variants):
 # -- memory: memory.py's children, before and after alternately -------------
 
 def run_memory(args):
-    sys.path.insert(0, HERE)
-    import memory
+    from benchmarks import memory
 
     variants = [v for v in memory.VARIANTS
                 if v not in memory.VARIANT_CLASSES
@@ -292,7 +280,7 @@ def run_memory(args):
                           "layers": layers,
                           "batch_size": 32,
                           "warmup_steps": memory.LOOKSAM_EVERY,
-                          "steps": memory.LOOKSAM_EVERY, "setup": None,
+                          "steps": memory.LOOKSAM_EVERY,
                           "library": libraries[version]}
                 raw = memory.run_child(config)
                 assert os.path.samefile(raw["library"], libraries[version])
@@ -401,8 +389,9 @@ def _render_steps(report):
         lines.append(
             f"- {backend}: {engine}, Keras {v['keras']}, "
             + (f"after = {str(imported['commit'])[:7]}"
-               + (" + uncommitted " + ", ".join(imported["uncommitted"])
-                  if imported.get("uncommitted") else "") + ", "
+               + (" + uncommitted " + ", ".join(
+                   harness.library_changes_of(imported))
+                  if harness.library_changes_of(imported) else "") + ", "
                if imported else "")
             + f"{report['arguments']['rounds']} rounds of "
             + (f"{steps[0]} steps" if len(steps) == 1 else
@@ -424,8 +413,8 @@ def render(report):
         f"Before: {str(src['before']['commit'])[:7]} (as the package "
         f"`keras_asam_before`), after: {str(src['after']['commit'])[:7]}"
         + (" with uncommitted library files "
-           + ", ".join(src["after"]["uncommitted"])
-           if src["after"]["uncommitted"] else "")
+           + ", ".join(harness.library_changes_of(src["after"]))
+           if harness.library_changes_of(src["after"]) else "")
         + (f" (at the end of the run {end[:7]}: the later version moved "
            "during the run"
            + ("; each backend's line says what it imported"
@@ -478,7 +467,7 @@ def _p(value):
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", default=None,
                         help="a checkout of the earlier version (its "
@@ -518,58 +507,68 @@ def main(argv=None):
     parser.add_argument("--memory-variants", nargs="+", default=None,
                         help="default: every variant of memory.py that both "
                              "versions have")
-    parser.add_argument("--output", default=os.path.join(
-        HERE, "results", "before_after.json"))
+    parser.add_argument("--output",
+                        default=harness.results_path("before_after"))
     parser.add_argument("--render", metavar="JSON", default=None)
     parser.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.render:
-        with open(args.render) as f:
-            print(render(json.load(f)), end="")
-        return
+        return args
     if args.before is None:
         parser.error("--before DIR is required")
     args.before = os.path.abspath(args.before)
     if args.after:
         args.after = os.path.abspath(args.after)
-    if args.backend:  # A child: one backend.
-        report = run_backend(args)
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=1)
-        return
+    return args
 
-    start = time.perf_counter()
-    report = {"machine": {"platform": platform.platform(),
-                          "processor": platform.processor(),
-                          "cpu_count": os.cpu_count()},
-              "source": source(args.before, args.after),
-              "arguments": vars(args),
-              "backends": {}}
-    stem = os.path.splitext(args.output)[0]
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+
+def _passed(args):
+    """The arguments every backend's child gets."""
     passed = ["--before", args.before, *(["--after", args.after]
                                          if args.after else []),
-              "--rounds", str(args.rounds),
-              "--steps", str(args.steps), "--slow-steps",
-              str(args.slow_steps), "--batch-size", str(args.batch_size),
-              "--jit", args.jit, "--architectures", *args.architectures]
+              "--rounds", args.rounds, "--steps", args.steps,
+              "--slow-steps", args.slow_steps,
+              "--batch-size", args.batch_size, "--jit", args.jit,
+              "--architectures", *args.architectures]
     if args.variants:
         passed += ["--variants", *args.variants]
     if not args.aa:
         passed.append("--no-aa")
-    for backend in args.backends:
-        child_output = f"{stem}.{backend}.json"
-        command = [sys.executable, os.path.abspath(__file__), "--backend",
-                   backend, "--output", child_output, *passed]
-        print("$", " ".join(command[1:]), flush=True)
-        done = subprocess.run(command, env=dict(os.environ,
-                                                KERAS_BACKEND=backend))
-        if done.returncode == 0:
-            with open(child_output) as f:
-                report["backends"][backend] = json.load(f)
-        else:
-            report["backends"][backend] = {
-                "error": f"exit status {done.returncode}"}
+    return passed
+
+
+def run_backends(args, stem):
+    """One child per backend, run from a `staged` directory; their reports
+    by backend."""
+    reports = {}
+    with staged(args.before, args.after) as directory:
+        for backend in args.backends:
+            child_output = f"{stem}.{backend}.json"
+            command = harness.module_command(
+                "before_after", "--backend", backend, "--output",
+                child_output, *_passed(args))
+            print("$", " ".join(command[1:]), flush=True)
+            done = subprocess.run(command, cwd=directory, env=harness.child_env(
+                directory, KERAS_BACKEND=backend))
+            reports[backend] = (
+                harness.load(child_output) if done.returncode == 0
+                else {"error": f"exit status {done.returncode}"})
+    return reports
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.render:
+        print(render(harness.load(args.render)), end="")
+        return
+    if args.backend:  # A child: one backend.
+        harness.dump_json(run_backend(args), args.output)
+        return
+    start = time.perf_counter()
+    report = {**harness.provenance(args, checkout=args.after or ROOT),
+              "source": source(args.before, args.after)}
+    stem = os.path.splitext(args.output)[0]
+    report["backends"] = run_backends(args, stem)
     if args.memory:
         report["memory"] = run_memory(args)
     report["source_at_end"] = source(args.before, args.after)
@@ -577,11 +576,7 @@ def main(argv=None):
     text = render(report)
     print()
     print(text)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    print(f"Wrote {args.output} and {stem}.md")
+    harness.write_results(report, args.output, text)
 
 
 if __name__ == "__main__":

@@ -120,9 +120,11 @@ def cpu_count_of(record):
 
 def library_changes_of(record):
     """The uncommitted library files the record lists."""
-    found = record.get("library_modified",
-                       record.get("uncommitted_library_files"))
-    return found if isinstance(found, list) else []
+    for key in ("library_modified", "uncommitted_library_files",
+                "uncommitted"):
+        if isinstance(record.get(key), list):
+            return record[key]
+    return []
 
 
 # -- writing results --------------------------------------------------------
