@@ -133,11 +133,11 @@ scores per selection seed, the chosen values and the defaults
 list the choice next to the default. `--quick --select`: 1 selection seed
 (100), each grid's smallest and largest value, E = 2.
 
-    python benchmarks/budget.py            # the full run (see README.md)
-    python benchmarks/budget.py --quick    # smoke run, about a minute
-    python benchmarks/budget.py --select   # selection, then the report
-    python benchmarks/budget.py --quick --select  # its smoke run
-    python benchmarks/budget.py --render benchmarks/results/budget.json
+    python -m benchmarks.budget            # the full run (see README.md)
+    python -m benchmarks.budget --quick    # smoke run, about a minute
+    python -m benchmarks.budget --select   # selection, then the report
+    python -m benchmarks.budget --quick --select  # its smoke run
+    python -m benchmarks.budget --render benchmarks/results/budget.json
 
 Writes budget.json (versions, commit, arguments, load average, every run's
 curves), budget.md (tables) and budget_frontier.png to benchmarks/results/
@@ -152,23 +152,18 @@ import argparse
 import glob
 import json
 import os
-import subprocess
-import sys
 import time
 
 # Before TensorFlow is imported: hide its C++ info and warning lines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import generalization as g  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import selection  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_asam  # noqa: E402
+from benchmarks import generalization as g  # noqa: E402
+from benchmarks import harness, selection  # noqa: E402
 from keras_asam import second_pass, variants  # noqa: E402
 
 ROOT = g.ROOT
@@ -678,7 +673,7 @@ def experiment(args, stem, tasks):
           f"{args.jobs} job(s)", flush=True)
     own, *parts = assign(todo, args.jobs)
     runs = list(done) + g.run_with_workers(
-        __file__, parts,
+        "budget", parts,
         lambda i, part: dict(tasks=part, max_train=args.max_train,
                              settings=settings(args),
                              jit_compile=args.jit_compile,
@@ -986,8 +981,9 @@ def markdown(results):
     load = meta.get("load_average_1min", {})
     lines.append(
         f"TensorFlow {meta['versions']['tensorflow']}, Keras "
-        f"{meta['versions']['keras']}, {meta['cpu_count']} CPU cores, commit "
-        f"{meta['git_commit'][:10]}{' (dirty)' if meta['git_dirty'] else ''}"
+        f"{meta['versions']['keras']}, {harness.cpu_count_of(meta)} CPU "
+        f"cores, commit {harness.commit_of(meta)[:10]}"
+        f"{' (dirty)' if harness.dirty_of(meta) else ''}"
         f"; seeds {meta['arguments']['seeds']}; equal-passes budget on "
         f"{', '.join(meta['arguments']['passes_datasets']) or 'none'}; "
         f"{meta['minutes']:.1f} minutes of wall time, "
@@ -1089,10 +1085,8 @@ def plot(results, path):
 # -- bookkeeping ------------------------------------------------------------
 
 
-def metadata(args, minutes, runs, git):
-    meta = g.metadata(args, minutes, runs, git)
-    meta["script_committed"] = not _git("status", "--porcelain", "--",
-                                        os.path.relpath(__file__, ROOT))
+def metadata(args, minutes, runs, record):
+    meta = g.metadata(args, minutes, runs, record)
     meta["constants"].update(
         budgets={"epochs": "E epochs for every method",
                  "passes": "2E / (passes per step) epochs"},
@@ -1125,14 +1119,6 @@ def metadata(args, minutes, runs, git):
                  f"above {SPIKE} x the median of epochs 2..N counted at "
                  "that median"))
     return meta
-
-
-def _git(*command):
-    try:
-        return subprocess.run(["git", *command], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return ""
 
 
 def add_selection_arguments(parser):
@@ -1272,10 +1258,11 @@ def main(argv=None):
     else:
         os.makedirs(args.output_dir, exist_ok=True)
         stem = os.path.join(args.output_dir, args.stem or default_stem(args))
-        tic, git, load = time.time(), g.git_state(), os.getloadavg()[0]
+        tic, record = time.time(), g.provenance(args)
+        load = os.getloadavg()[0]
         runs, selected = train(args, stem)
         minutes = (time.time() - tic) / 60
-        results = dict(meta=metadata(args, minutes, runs, git), runs=runs)
+        results = dict(meta=metadata(args, minutes, runs, record), runs=runs)
         if selected:
             results["selection"] = selected
         loads = [r["load_average_1min"] for r in runs]
@@ -1285,7 +1272,7 @@ def main(argv=None):
         results["meta"]["note"] = args.note
         results["summary"] = summary(runs)
         results["point4"] = point4(results["summary"])
-        g.write_json(results, f"{stem}.json")
+        harness.dump_json(results, f"{stem}.json", compact_key="runs")
         for path in (glob.glob(f"{stem}_partial_*.jsonl")
                      + glob.glob(f"{stem}_selection_partial_*.jsonl")):
             os.remove(path)

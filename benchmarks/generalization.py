@@ -61,9 +61,9 @@ on log grids that hold the papers' values. The main table uses the papers'
 rho, not the sweep's choice; the rho that validation accuracy would choose is
 reported next to the sweep.
 
-    python benchmarks/generalization.py          # 28 minutes on 2 busy cores
-    python benchmarks/generalization.py --quick  # smoke run, 1.5-3 minutes
-    python benchmarks/generalization.py --render \
+    python -m benchmarks.generalization          # 28 minutes, 2 busy cores
+    python -m benchmarks.generalization --quick  # smoke run, 1.5-3 minutes
+    python -m benchmarks.generalization --render \
         benchmarks/results/generalization.json  # redraw tables and PNGs
 
 The full run is 320 trainings, 23 CPU minutes: 28 minutes of wall time on 2
@@ -82,10 +82,8 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -100,15 +98,13 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import keras_asam  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 # Symmetric label noise: one definition, shared with the quickstart.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "examples"))
-import label_noise  # noqa: E402
+from examples import label_noise  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RESULTS_DIR = os.path.join(HERE, "results")
+ROOT = harness.ROOT
+RESULTS_DIR = harness.RESULTS_DIR
 
 # The training recipe, shared by every method: SGD with momentum and weight
 # decay, the learning rate decayed to zero over the run by a cosine
@@ -498,7 +494,7 @@ def experiment(args):
     # for each other.
     own, *parts = assign(tasks, args.jobs)
     runs = run_with_workers(
-        __file__, parts,
+        "generalization", parts,
         lambda i, part: dict(tasks=part, epochs=epochs,
                              max_train=args.max_train,
                              jit_compile=args.jit_compile,
@@ -509,9 +505,10 @@ def experiment(args):
     return sorted(runs, key=lambda r: order[run_key(r)])
 
 
-def run_with_workers(script, parts, job, run_own):
-    """Runs each non-empty `parts[i - 1]` in a worker process of `script`
-    (`script --worker PATH`, PATH holding `job(i, part)`, the worker writing
+def run_with_workers(name, parts, job, run_own):
+    """Runs each non-empty `parts[i - 1]` in a worker process of
+    `benchmarks.<name>` (`python -m benchmarks.<name> --worker PATH`, PATH
+    holding `job(i, part)`, the worker writing
     its runs back under "runs") while `run_own()` runs here, one thread
     each; returns `run_own()`'s runs followed by the workers'."""
     # The thread counts must be set before TensorFlow runs its first
@@ -529,7 +526,7 @@ def run_with_workers(script, parts, job, run_own):
             with open(path, "w") as f:
                 json.dump(job(i, part), f)
             workers.append((path, subprocess.Popen(
-                [sys.executable, os.path.abspath(script), "--worker", path],
+                harness.module_command(name, "--worker", path),
                 env=env, cwd=ROOT)))
         try:
             runs = run_own()
@@ -695,8 +692,9 @@ def markdown(results):
     meta = results["meta"]
     lines.append(
         f"TensorFlow {meta['versions']['tensorflow']}, Keras "
-        f"{meta['versions']['keras']}, {meta['cpu_count']} CPU cores, commit "
-        f"{meta['git_commit'][:10]}{' (dirty)' if meta['git_dirty'] else ''}"
+        f"{meta['versions']['keras']}, {harness.cpu_count_of(meta)} CPU "
+        f"cores, commit {harness.commit_of(meta)[:10]}"
+        f"{' (dirty)' if harness.dirty_of(meta) else ''}"
         f"; {meta['minutes']:.1f} minutes, of which "
         f"{meta.get('cpu_minutes_in_runs', float('nan')):.1f} CPU minutes in "
         "training runs"
@@ -840,45 +838,11 @@ def print_tables(results):
 # -- bookkeeping --------------------------------------------------------
 
 
-def git_state():
-    """The commit and tree state, read when the run starts (others may
-    commit while it runs)."""
-    def git(*command):
-        try:
-            return subprocess.run(["git", *command], cwd=ROOT, text=True,
-                                  capture_output=True, check=True
-                                  ).stdout.strip()
-        except Exception:
-            return ""
-
+def metadata(args, minutes, runs, record):
+    """The run's provenance (`record`, taken at the start) with the
+    recipe's constants and the time it took."""
     return dict(
-        git_commit=git("rev-parse", "HEAD"),
-        git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
-        # Whether this script is the committed one (the rest of the tree may
-        # hold others' uncommitted edits).
-        script_committed=not git("status", "--porcelain", "--",
-                                 os.path.relpath(__file__, ROOT)))
-
-
-def metadata(args, minutes, runs, git):
-    def version(module):
-        try:
-            from importlib.metadata import version as v
-            return v(module)
-        except Exception:
-            return None
-
-    return dict(
-        versions={"python": platform.python_version(),
-                  "tensorflow": tf.__version__, "keras": keras.__version__,
-                  "numpy": np.__version__,
-                  "scikit-learn": version("scikit-learn"),
-                  "mnist1d": version("mnist1d"),
-                  "keras-asam": version("keras-asam")},
-        **git,
-        machine=platform.machine(), platform=platform.platform(),
-        cpu_count=os.cpu_count(), command=sys.argv,
-        arguments={k: v for k, v in vars(args).items()},
+        **record,
         constants=dict(learning_rate=LEARNING_RATE, momentum=MOMENTUM,
                        weight_decay=WEIGHT_DECAY, batch_size=BATCH_SIZE,
                        validation_fraction=VALIDATION_FRACTION,
@@ -889,19 +853,9 @@ def metadata(args, minutes, runs, git):
         cpu_minutes_in_runs=sum(r["cpu_seconds"] for r in runs) / 60)
 
 
-def write_json(results, path):
-    """Indented, except one line per run (with its curves)."""
-    parts = []
-    for key, value in results.items():
-        if key == "runs":
-            lines = ",\n".join("  " + json.dumps(run, separators=(",", ":"))
-                               for run in value)
-            parts.append(f' "runs": [\n{lines}\n ]')
-        else:
-            parts.append(f" {json.dumps(key)}: "
-                         + json.dumps(value, indent=1).replace("\n", "\n "))
-    with open(path, "w") as f:
-        f.write("{\n" + ",\n".join(parts) + "\n}\n")
+def provenance(args):
+    return harness.provenance(args, extra_versions=("scikit-learn",
+                                                    "mnist1d"))
 
 
 def parse_args(argv=None):
@@ -975,10 +929,10 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
         stem = os.path.join(args.output_dir, "generalization_quick"
                             if args.quick else "generalization")
-        tic, git, load = time.time(), git_state(), os.getloadavg()[0]
+        tic, record, load = time.time(), provenance(args), os.getloadavg()[0]
         runs = experiment(args)
         minutes = (time.time() - tic) / 60
-        results = dict(meta=metadata(args, minutes, runs, git), runs=runs)
+        results = dict(meta=metadata(args, minutes, runs, record), runs=runs)
         # How busy the machine was: the wall time depends on it.
         results["meta"]["load_average_1min"] = dict(
             start=load, end=os.getloadavg()[0])
@@ -986,7 +940,7 @@ def main(argv=None):
         results["sweep"] = (sweep_summary(runs, args.sweep_noise,
                                           args.sweep_rhos)
                             if args.sweep_noise is not None else [])
-        write_json(results, f"{stem}.json")
+        harness.dump_json(results, f"{stem}.json", compact_key="runs")
     with open(f"{stem}.md", "w") as f:
         f.write(markdown(results))
     paths = [f"{stem}.md", *plot(results, stem)]

@@ -94,8 +94,12 @@ def versions(extra=()):
 
 def provenance(args=None, checkout=None, extra_versions=()):
     """The record of a run, taken when it starts (others may commit while
-    it runs)."""
-    return {**source(checkout), "machine": machine(),
+    it runs). `benchmarks_modified`: this repository's uncommitted
+    benchmark files (the scripts that ran, if not the committed ones)."""
+    return {**source(checkout),
+            "benchmarks_modified": (git("status", "--porcelain", "--",
+                                        "benchmarks") or "").splitlines(),
+            "machine": machine(),
             "versions": versions(extra_versions),
             "command": list(sys.argv),
             "arguments": dict(vars(args)) if args is not None else {},
@@ -109,6 +113,10 @@ def provenance(args=None, checkout=None, extra_versions=()):
 
 def commit_of(record):
     return str(record.get("commit") or record.get("git_commit") or "")
+
+
+def dirty_of(record):
+    return bool(record.get("dirty", record.get("git_dirty")))
 
 
 def cpu_count_of(record):

@@ -15,8 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = ["quickstart.py", "toy_trajectories.py", "tfhub_finetune.py",
-           "multiworker.py", "cifar.py", "custom_loop.py", "sharded.py",
-           os.path.join("..", "benchmarks", "step_time.py")]
+           "multiworker.py", "cifar.py", "custom_loop.py", "sharded.py"]
+# Benchmarks run as modules of the `benchmarks` package, from the root.
+MODULES = ["benchmarks.step_time"]
 
 
 def _run(script, *args, timeout=600, env=None):
@@ -233,30 +234,28 @@ def test_quickstart_label_noise_is_the_benchmarks():
     # The quickstart's setting is a cell of the generalization benchmark:
     # the same noisy labels and validation split for every seed.
     quickstart = _import_example("quickstart")
-    spec = importlib.util.spec_from_file_location(
-        "generalization", os.path.join(ROOT, "benchmarks",
-                                       "generalization.py"))
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    from benchmarks import generalization as benchmark
+
     x_pool, _, y_pool, y_test = quickstart.load_data()
     pool, want_y_pool, _, want_y_test = benchmark.load_pool_and_test(
         "digits")
     np.testing.assert_array_equal(x_pool.reshape(len(x_pool), -1), pool)
     np.testing.assert_array_equal(y_pool, want_y_pool)
     np.testing.assert_array_equal(y_test, want_y_test)
-    # One noise function serves both (examples/label_noise.py).
-    assert quickstart.noisy_split is benchmark.label_noise.noisy_split
+    # One noise function serves both (examples/label_noise.py), imported
+    # as `label_noise` by the script and `examples.label_noise` by the
+    # package.
+    assert (quickstart.noisy_split.__code__.co_filename
+            == benchmark.label_noise.noisy_split.__code__.co_filename
+            == os.path.join(EXAMPLES, "label_noise.py"))
 
 
 def test_quickstart_starts_from_the_benchmarks_initial_weights():
     # On TensorFlow a seed's initial weights are the generalization
     # benchmark's, as the README says.
+    from benchmarks import generalization as benchmark
+
     quickstart = _import_example("quickstart")
-    spec = importlib.util.spec_from_file_location(
-        "generalization", os.path.join(ROOT, "benchmarks",
-                                       "generalization.py"))
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
     for seed in (0, 3):
         quickstart.set_seed(seed)
         ours = quickstart.build_network().get_weights()
@@ -423,3 +422,8 @@ def test_scripts_take_help():
     for script in SCRIPTS:
         out = _run(script, "--help")
         assert "usage" in out, script
+    for module in MODULES:
+        done = subprocess.run([sys.executable, "-m", module, "--help"],
+                              capture_output=True, text=True, timeout=600,
+                              cwd=ROOT)
+        assert done.returncode == 0 and "usage" in done.stdout, module
