@@ -309,8 +309,8 @@ def _r(value):
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _render_steps(report):
-    """The step-time tables of `render`."""
+def _paired_table(report):
+    """after/before per variant, wall / CPU."""
     lines = []
     lines += ["Step time, after/before: median over rounds of the per-round "
               "ratio, wall / process CPU time; in brackets the "
@@ -337,6 +337,12 @@ def _render_steps(report):
             lines.append(f"| {r['architecture']} | {backend} | "
                          f"{r['compiled_as']} | " + " | ".join(cells) + " |")
     lines.append("")
+    return lines
+
+
+def _ratio_table(report):
+    """step_time's ratios for each version."""
+    lines = []
     ratio_names = [n for n, _, _ in RATIOS]
     lines += ["Ratios of step_time.py for each version (ratio of the "
               "medians), wall / CPU, before -> after:", "",
@@ -354,6 +360,12 @@ def _render_steps(report):
             lines.append(f"| {r['architecture']} | {backend} | "
                          f"{r['compiled_as']} | " + " | ".join(cells) + " |")
     lines.append("")
+    return lines
+
+
+def _median_table(report):
+    """Each version's median step times."""
+    lines = []
     lines += ["Median step time in ms (wall), before -> after:", ""]
     keys = ["base", "floor"]
     for b in report["backends"].values():
@@ -375,6 +387,12 @@ def _render_steps(report):
             lines.append(f"| {r['architecture']} | {backend} | "
                          f"{r['compiled_as']} | " + " | ".join(cells) + " |")
     lines.append("")
+    return lines
+
+
+def _backend_lines(report):
+    """One line per backend's process."""
+    lines = []
     for backend, b in report["backends"].items():
         if "results" not in b:
             lines.append(f"- {backend}: failed ({b.get('error')}).")
@@ -403,6 +421,12 @@ def _render_steps(report):
             f"{min(loads):.1f}-{max(loads):.1f}.")
     lines.append("")
     return lines
+
+
+def _render_steps(report):
+    """The step-time tables of `render`."""
+    return (_paired_table(report) + _ratio_table(report)
+            + _median_table(report) + _backend_lines(report))
 
 
 def render(report):

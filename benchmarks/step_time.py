@@ -470,11 +470,8 @@ def _ratio(value):
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def render_markdown(report):
-    """Markdown tables of a results report (as written to the JSON)."""
-    results = report["results"]
-    measured = [v for v in VARIANTS
-                if any(v in r["median_step_seconds"] for r in results)]
+def _time_tables(results, measured):
+    """The step-time tables, each with the variants it adds."""
     lines, shown = ["Step time (wall, median over rounds of the mean step "
                     "time in a round):", ""], set()
     for columns in TIME_TABLES:
@@ -491,6 +488,12 @@ def render_markdown(report):
                 f"{'on' if r['jit'] else 'off'} | "
                 + " | ".join(_ms(times.get(v)) for v in columns) + " |")
         lines.append("")
+    return lines
+
+
+def _ratio_tables(results):
+    """The ratio tables, wall and (if recorded) CPU time."""
+    lines = []
     for key, title in [("ratios", "Ratios of wall time:"),
                        ("cpu_ratios", "Ratios of process CPU time (all "
                                       "threads; less sensitive to other "
@@ -512,10 +515,11 @@ def render_markdown(report):
                     + " | ".join(_ratio(r[key].get(n)) for n in names)
                     + " |")
             lines.append("")
-    notes = sorted({f"{v}: {reason}" for r in results
-                    for v, reason in r.get("skipped", {}).items()})
-    if notes:
-        lines += ["n/a: " + "; ".join(notes) + ".", ""]
+    return lines
+
+
+def _footer(report, measured):
+    results = report["results"]
     versions = report["versions"]
     arguments = report["arguments"]
     backend = versions.get("backend", "tensorflow")
@@ -540,7 +544,20 @@ def render_markdown(report):
         footer += (", 1-minute load average "
                    f"{min(min(pair) for pair in loads):.1f}-"
                    f"{max(max(pair) for pair in loads):.1f} during the run")
-    lines.append(footer + ".")
+    return footer + "."
+
+
+def render_markdown(report):
+    """Markdown tables of a results report (as written to the JSON)."""
+    results = report["results"]
+    measured = [v for v in VARIANTS
+                if any(v in r["median_step_seconds"] for r in results)]
+    lines = _time_tables(results, measured) + _ratio_tables(results)
+    notes = sorted({f"{v}: {reason}" for r in results
+                    for v, reason in r.get("skipped", {}).items()})
+    if notes:
+        lines += ["n/a: " + "; ".join(notes) + ".", ""]
+    lines.append(_footer(report, measured))
     return "\n".join(lines) + "\n"
 
 
@@ -555,6 +572,34 @@ def compile_mode(backend, jit):
     if backend == "jax":
         return "jax.jit (XLA)" if jit else "eager (no jax.jit)"
     return "torch.compile" if jit else "eager"
+
+
+def _backends_footer(combined):
+    """One line per backend's run, then the machine and commit."""
+    lines = []
+    for backend, report in combined["backends"].items():
+        if "results" not in report:
+            lines.append(f"- {backend}: failed ({report.get('error')}).")
+            continue
+        versions, arguments = report["versions"], report["arguments"]
+        loads = [x for r in report["results"] for x in r["load_average"]]
+        lines.append(
+            f"- {backend}: {BACKEND_NAMES[backend]} {versions[backend]}, "
+            f"Keras {versions['keras']}, {arguments['rounds']} rounds of "
+            f"{arguments['steps']} steps, batch {arguments['batch_size']}, "
+            f"{report['wall_seconds'] / 60:.1f} minutes, 1-minute load "
+            f"average {min(loads):.1f}-{max(loads):.1f}.")
+    any_report = next(iter(combined["backends"].values()))
+    lines.append(
+        f"\n{combined['machine']['cpu_count']} CPU cores, commit "
+        f"{harness.commit_of(combined)[:10]}"
+        + (" with uncommitted library changes"
+           if harness.library_changes_of(combined) else "")
+        + f", {combined['wall_seconds'] / 60:.1f} minutes in all; one "
+        "process per backend, run one after the other"
+        + (f" (Python {any_report['versions']['python']})"
+           if "versions" in any_report else "") + ".")
+    return lines
 
 
 def render_backends(combined):
@@ -599,28 +644,7 @@ def render_backends(combined):
                     for v, reason in row[4].get("skipped", {}).items()})
     if notes:
         lines += ["n/a: " + "; ".join(notes) + ".", ""]
-    for backend, report in combined["backends"].items():
-        if "results" not in report:
-            lines.append(f"- {backend}: failed ({report.get('error')}).")
-            continue
-        versions, arguments = report["versions"], report["arguments"]
-        loads = [x for r in report["results"] for x in r["load_average"]]
-        lines.append(
-            f"- {backend}: {BACKEND_NAMES[backend]} {versions[backend]}, "
-            f"Keras {versions['keras']}, {arguments['rounds']} rounds of "
-            f"{arguments['steps']} steps, batch {arguments['batch_size']}, "
-            f"{report['wall_seconds'] / 60:.1f} minutes, 1-minute load "
-            f"average {min(loads):.1f}-{max(loads):.1f}.")
-    any_report = next(iter(combined["backends"].values()))
-    lines.append(
-        f"\n{combined['machine']['cpu_count']} CPU cores, commit "
-        f"{harness.commit_of(combined)[:10]}"
-        + (" with uncommitted library changes"
-           if harness.library_changes_of(combined) else "")
-        + f", {combined['wall_seconds'] / 60:.1f} minutes in all; one "
-        "process per backend, run one after the other"
-        + (f" (Python {any_report['versions']['python']})"
-           if "versions" in any_report else "") + ".")
+    lines += _backends_footer(combined)
     return "\n".join(lines) + "\n"
 
 
@@ -653,7 +677,7 @@ def run_backends(args):
     harness.write_results(combined, output, text)
 
 
-def parse_args(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10,
@@ -693,6 +717,11 @@ def parse_args(argv=None):
     parser.add_argument("--render", metavar="JSON", default=None,
                         help="only print the Markdown tables of a results "
                              "JSON")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.quick:  # No XLA on TensorFlow (the auto mode below).
         args.rounds, args.widths = 3, [1]
