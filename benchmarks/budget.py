@@ -900,10 +900,8 @@ def summary_table(results, metric="test_at_best_val", budget="passes"):
     return lines
 
 
-def markdown(results):
-    cells = results["summary"]
-    meta = results["meta"]
-    lines = []
+def _summary_tables(results):
+    cells, lines = results["summary"], []
     for budget in BUDGETS:
         if not any(c["budget"] == budget for c in cells):
             continue
@@ -915,6 +913,12 @@ def markdown(results):
             "CPU s/epoch vs base: measured training seconds per epoch "
             "over base's, mean over all of the method's runs.", "",
             *summary_table(results, budget=budget), ""]
+    return lines
+
+
+def _cell_tables(results):
+    """One table per (data set, noise level)."""
+    cells, lines = results["summary"], []
     for dataset, noise in combos(results["runs"]):
         rows = [c for c in cells
                 if (c["dataset"], c["noise"]) == (dataset, noise)]
@@ -949,6 +953,11 @@ def markdown(results):
                 f"{seconds_text(t['median'])} ({t['reached']}/{t['seeds']})"
                 " |")
         lines.append("")
+    return lines
+
+
+def _point4_table(results):
+    lines = []
     p4 = results.get("point4", [])
     if p4:
         lines += [
@@ -976,6 +985,13 @@ def markdown(results):
                 f"{100 * e['threshold']:+.2f} | {cands} | "
                 f"**{e['answer']}** |")
         lines += ["", "`*`: qualifies.", ""]
+    return lines
+
+
+def markdown(results):
+    meta = results["meta"]
+    lines = (_summary_tables(results) + _cell_tables(results)
+             + _point4_table(results))
     if "selection" in results:
         lines += selection.markdown(results["selection"], _order(METHODS))
     load = meta.get("load_average_1min", {})
@@ -1142,7 +1158,7 @@ def check_selection_arguments(parser, args):
         parser.error("--selection-seeds must differ from --seeds")
 
 
-def parse_args(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: digits, 40%% noise, 2 seeds, 2 "
@@ -1193,6 +1209,11 @@ def parse_args(argv=None):
     parser.add_argument("--render", metavar="JSON",
                         help="only redraw the tables and PNG of a results "
                              "JSON next to it")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = _parser()
     args = parser.parse_args(argv)
     quick = QUICK if args.quick else {}
     args.datasets = args.datasets or quick.get("datasets", DATASETS)
