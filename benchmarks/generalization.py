@@ -704,23 +704,17 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def plot(results, path_stem):
-    """Three PNGs: accuracy against noise, paired difference to base
-    against noise, test accuracy against rho."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _save(plt, fig, path):
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
-    cells, sweep = results["summary"], results["sweep"]
-    datasets = sorted({c["dataset"] for c in cells}, key=_order(DATASETS))
-    methods = sorted({c["method"] for c in cells}, key=_order(METHODS))
-    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()[
-        "color"]))
-    metrics = [("test_at_best_val", "at the best-validation epoch"),
-               ("test_final", "at the final epoch")]
-    paths = []
 
-    # 1. Test accuracy against noise, mean +/- std over seeds.
+def _accuracy_figure(plt, results, path_stem, context):
+    """Test accuracy against noise, mean +/- std over seeds."""
+    cells, datasets, methods, colors, metrics = (
+        context[k] for k in ("cells", "datasets", "methods", "colors",
+                             "metrics"))
     fig, axes = plt.subplots(2, len(datasets), squeeze=False,
                              figsize=(5.5 * len(datasets), 8))
     for j, dataset in enumerate(datasets):
@@ -745,11 +739,16 @@ def plot(results, path_stem):
     fig.suptitle("Test accuracy under symmetric label noise (mean; error "
                  f"bars: sample std over {n} seeds)", fontsize=11)
     fig.tight_layout()
-    paths.append(f"{path_stem}.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, f"{path_stem}.png")
 
-    # 2. Paired difference to base, with 95% t-intervals.
+
+
+def _diff_figure(plt, results, path_stem, context):
+    """Paired difference to base, with 95% t-intervals."""
+    cells, datasets, methods, colors, metrics = (
+        context[k] for k in ("cells", "datasets", "methods", "colors",
+                             "metrics"))
+    n = len(cells[0]["seeds"])
     fig, axes = plt.subplots(2, len(datasets), squeeze=False,
                              figsize=(5.5 * len(datasets), 8))
     others = [m for m in methods if m != "base"]
@@ -778,56 +777,78 @@ def plot(results, path_stem):
     fig.suptitle("Gain over the base optimizer: mean paired difference over "
                  f"{n} seeds; error bars: 95% t-interval", fontsize=11)
     fig.tight_layout()
-    paths.append(f"{path_stem}_diff.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, f"{path_stem}_diff.png")
 
-    # 3. The rho sweep.
-    if sweep:
-        fig, axes = plt.subplots(2, len(datasets), squeeze=False,
-                                 figsize=(5.5 * len(datasets), 8))
-        noise = sweep[0]["noise"]
-        for j, dataset in enumerate(datasets):
-            base = cell_runs(results["runs"], dataset, noise, "base")
-            for i, (metric, title) in enumerate(metrics):
-                ax = axes[i][j]
-                if base:
-                    mean, std = mean_std([r[metric] for r in base])
-                    ax.axhline(100 * mean, color=colors["base"], lw=1.2,
-                               label=f"{LABELS['base']} (band: +/- std)")
-                    if not np.isnan(std):
-                        ax.axhspan(100 * (mean - std), 100 * (mean + std),
-                                   color=colors["base"], alpha=0.12)
-                for s in sweep:
-                    if s["dataset"] != dataset:
-                        continue
-                    rhos = [p["rho"] for p in s["points"]]
-                    ax.errorbar(rhos, [100 * p[metric][0]
-                                       for p in s["points"]],
-                                yerr=[100 * np.nan_to_num(p[metric][1])
-                                      for p in s["points"]],
-                                marker="o", ms=4, capsize=3,
-                                color=colors[s["method"]],
-                                label=f"{s['method'].upper()} (rho by "
-                                      f"validation: {s['rho_by_validation']})")
-                    paper = SAM_RHO if s["method"] == "sam" else ASAM_RHO
-                    ax.axvline(paper, color=colors[s["method"]], ls=":",
-                               lw=1)
-                ax.set_xscale("log")
-                ax.set_title(f"{dataset}, {100 * noise:.0f}% noise: test "
-                             f"accuracy {title}", fontsize=10)
-                ax.set_xlabel("rho (log scale; dotted: paper's CIFAR-10 "
-                              "value)")
-                ax.set_ylabel("test accuracy (%)")
-                ax.grid(alpha=0.3, which="both")
-                ax.legend(fontsize=8)
-        fig.suptitle(f"rho sweep (mean; error bars: sample std over {n} "
-                     "seeds)", fontsize=11)
-        fig.tight_layout()
-        paths.append(f"{path_stem}_rho.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
+
+
+def _rho_figure(plt, results, path_stem, context):
+    """The rho sweep."""
+    cells, datasets, methods, colors, metrics = (
+        context[k] for k in ("cells", "datasets", "methods", "colors",
+                             "metrics"))
+    sweep, n = results["sweep"], len(cells[0]["seeds"])
+    fig, axes = plt.subplots(2, len(datasets), squeeze=False,
+                             figsize=(5.5 * len(datasets), 8))
+    noise = sweep[0]["noise"]
+    for j, dataset in enumerate(datasets):
+        base = cell_runs(results["runs"], dataset, noise, "base")
+        for i, (metric, title) in enumerate(metrics):
+            ax = axes[i][j]
+            if base:
+                mean, std = mean_std([r[metric] for r in base])
+                ax.axhline(100 * mean, color=colors["base"], lw=1.2,
+                           label=f"{LABELS['base']} (band: +/- std)")
+                if not np.isnan(std):
+                    ax.axhspan(100 * (mean - std), 100 * (mean + std),
+                               color=colors["base"], alpha=0.12)
+            for s in sweep:
+                if s["dataset"] != dataset:
+                    continue
+                rhos = [p["rho"] for p in s["points"]]
+                ax.errorbar(rhos, [100 * p[metric][0]
+                                   for p in s["points"]],
+                            yerr=[100 * np.nan_to_num(p[metric][1])
+                                  for p in s["points"]],
+                            marker="o", ms=4, capsize=3,
+                            color=colors[s["method"]],
+                            label=f"{s['method'].upper()} (rho by "
+                                  f"validation: {s['rho_by_validation']})")
+                paper = SAM_RHO if s["method"] == "sam" else ASAM_RHO
+                ax.axvline(paper, color=colors[s["method"]], ls=":",
+                           lw=1)
+            ax.set_xscale("log")
+            ax.set_title(f"{dataset}, {100 * noise:.0f}% noise: test "
+                         f"accuracy {title}", fontsize=10)
+            ax.set_xlabel("rho (log scale; dotted: paper's CIFAR-10 "
+                          "value)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+    fig.suptitle(f"rho sweep (mean; error bars: sample std over {n} "
+                 "seeds)", fontsize=11)
+    fig.tight_layout()
+    return _save(plt, fig, f"{path_stem}_rho.png")
+
+
+def plot(results, path_stem):
+    """Three PNGs: accuracy against noise, paired difference to base
+    against noise, test accuracy against rho."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, sweep = results["summary"], results["sweep"]
+    datasets = sorted({c["dataset"] for c in cells}, key=_order(DATASETS))
+    methods = sorted({c["method"] for c in cells}, key=_order(METHODS))
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()[
+        "color"]))
+    metrics = [("test_at_best_val", "at the best-validation epoch"),
+               ("test_final", "at the final epoch")]
+    context = dict(cells=cells, datasets=datasets, methods=methods,
+                   colors=colors, metrics=metrics)
+    figures = [_accuracy_figure, _diff_figure] + ([_rho_figure] if sweep
+                                                  else [])
+    return [figure(plt, results, path_stem, context) for figure in figures]
 
 
 def print_tables(results):
