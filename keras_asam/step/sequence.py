@@ -79,7 +79,9 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
         """The step of a variant without a clean pass: one pass at w + eps,
         eps from the variant's state; its loss, metrics and BatchNorm
         updates are the step's. Returns `(y_pred, loss, g_adv)`."""
-        eps = self._eps(self._ascent(None, ctx), self._weights(), rho)
+        sign = self._active_variant.pre_pass_sign
+        eps = self._eps(self._ascent(None, ctx), self._weights(),
+                        rho if sign == 1 else -rho)
         return self._pass(batch, eps)
 
     def _perturbed_pass(self, part, gradients, loss, ascent, rho, run):

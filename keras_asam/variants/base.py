@@ -129,7 +129,8 @@ class Variant:
             A generator made by the variant itself would not be part of
             the model's state (the same numbers every step under JAX's
             jit).
-
+        pre_pass_sign: `1` (the default) or `-1`, the sign eps takes
+            along `pre_pass`'s direction (see `pre_pass`).
         uses_sample_index: Boolean. `True` for a variant that keeps state
             per training example: `fit` then takes inputs that carry each
             example's index (`keras_asam.indexed`), and the hooks get the
@@ -160,6 +161,7 @@ class Variant:
     uses_seed = False
     uses_sample_index = False
     reads_clean_gradient = None
+    pre_pass_sign = 1
 
     def synced(self, options):
         """Whether the hooks see g and g_adv summed over replicas (see the
@@ -198,7 +200,13 @@ class Variant:
 
     def pre_pass(self, state, ctx):
         """The direction eps is built from on a step without a clean pass
-        (`clean_pass = False`): a list aligned with the weights."""
+        (`clean_pass = False`): a list aligned with the weights.
+
+        eps is built along `pre_pass_sign` times this direction: a variant
+        that perturbs against a buffer (Momentum-SAM's -v) returns the
+        buffer itself and sets `pre_pass_sign = -1`, so that no negated
+        copy of it is made. eps(-a) = -eps(a) exactly, so the sign changes
+        no value."""
         raise NotImplementedError(
             f"{type(self).__name__} sets `clean_pass = False` and must "
             "define `pre_pass`."

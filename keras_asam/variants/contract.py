@@ -37,6 +37,12 @@ def check_attributes(variant):
             f"{name}.uses_seed must be `True` or `False`. Received: "
             f"uses_seed={variant.uses_seed!r}"
         )
+    if variant.pre_pass_sign not in (1, -1) or isinstance(
+            variant.pre_pass_sign, bool):
+        raise ValueError(
+            f"{name}.pre_pass_sign must be `1` or `-1`. Received: "
+            f"pre_pass_sign={variant.pre_pass_sign!r}"
+        )
     if not isinstance(variant.clean_pass, bool):
         raise TypeError(
             f"{name}.clean_pass must be `True` or `False`. Received: "

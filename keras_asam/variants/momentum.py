@@ -58,6 +58,8 @@ class MomentumSAM(Variant):
 
     state_names = ("velocity",)
     clean_pass = False
+    # eps along -v, built from v itself (no negated copy).
+    pre_pass_sign = -1
 
     def __init__(self, momentum=0.9):
         self.momentum = validation.check_range("momentum", momentum, 0, 1,
@@ -101,7 +103,7 @@ class MomentumSAM(Variant):
                 stacklevel=2)
 
     def pre_pass(self, state, ctx):
-        return [-v for v in state["velocity"]]
+        return state["velocity"]
 
     def _followed(self, gradients, state, ctx):
         finite = ops.isfinite(dot(gradients, gradients))

@@ -105,6 +105,17 @@ def test_state_names_as_a_lone_string_raises_at_construction():
         keras_asam.ASAMModel(network(), variant=Twice())
 
 
+class HalfSign(Variant):
+    clean_pass = False
+    pre_pass_sign = 0.5
+
+
+def test_pre_pass_sign_other_than_one_or_minus_one_raises():
+    with pytest.raises(ValueError, match=r"HalfSign\.pre_pass_sign must be "
+                       r"`1` or `-1`\. Received: pre_pass_sign=0\.5"):
+        keras_asam.ASAMModel(network(), variant=HalfSign())
+
+
 def test_variant_is_read_only():
     gsam = keras_asam.variants.GSAM(0.3)
     model = keras_asam.ASAMModel(network(), variant=gsam)
