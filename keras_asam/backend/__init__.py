@@ -5,12 +5,9 @@ between backends is how a gradient at w + eps is taken and how state is
 kept or restored. One module per backend holds it, the way Keras splits
 `keras/src/backend/<name>/trainer.py`:
 
-    tensorflow   keras_asam.backend.tensorflow_step  (variables moved and
-                                                      restored)
-    jax          keras_asam.backend.jax_step  (stateless: a second gradient at
-                                               w + eps from values)
-    torch        keras_asam.backend.torch_step  (moved and restored under
-                                                 `torch.no_grad()`)
+    tensorflow  tensorflow_step  (variables moved and restored)
+    jax         jax_step  (stateless: a gradient at w + eps from values)
+    torch       torch_step  (moved and restored under `torch.no_grad()`)
 
 Only the active backend's module is imported, so `import keras_asam` on JAX
 or PyTorch does not import TensorFlow.

@@ -22,6 +22,9 @@ import numpy as np
 
 from keras_asam.step import SharedStep, add_weighted
 
+_STATE_KEYS = ("trainable_variables", "non_trainable_variables",
+               "optimizer_variables", "metrics_variables")
+
 
 class _Values:
     """The values of the model's variables during one traced step, in the
@@ -299,7 +302,16 @@ class JaxTrainStep(SharedStep):
                     lambda: host_value(state, self._train_steps),
                     lambda: host_value(state, self._rho),
                 )
-                logs, state = step_for(run)(state, data)
+                try:
+                    logs, state = step_for(run)(state, data)
+                except Exception:
+                    # Raised while tracing (a hook's output checked): give
+                    # back the values `fit` detached from the variables.
+                    if not any(x.is_deleted() for x in jax.tree.leaves(state)):
+                        self._jax_state = dict(zip(_STATE_KEYS, state))
+                        self._jax_state_synced = False
+                        self.jax_state_sync()
+                    raise
             return logs, state
 
         self.train_function = train_function
