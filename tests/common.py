@@ -1,7 +1,7 @@
 """Data, variants and checks shared by the tests of the step's options."""
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 LR = 0.1
 ASAM = dict(adaptive=True, normalization="elementwise", p=2, rho=0.5,
@@ -17,7 +17,7 @@ def data(n=16, seed=0):
 
 
 def mse(y, pred):
-    return tf.reduce_mean(tf.square(pred - y))
+    return ops.mean(ops.square(pred - y))
 
 
 def weights(model):

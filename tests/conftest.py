@@ -4,7 +4,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
+import keras  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `tensorflow` (tf.function, tf.distribute, SavedModel,
+    TensorFlow's graph) are skipped on the other backends."""
+    if keras.backend.backend() == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason="needs the TensorFlow backend")
+    for item in items:
+        if "tensorflow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ def eps(grads, weights, biases, *, rho, adaptive=True, eta=0.01,
 def asam_gradients(model, weights, x, y, loss_fn, selected=None,
                    **variant):
     """Both passes of one (A)SAM step on `model` (a plain Keras model used
-    only as a differentiable function), from plain TF gradients.
+    only as a differentiable function), from the backend's own gradients.
 
     `selected` (booleans aligned with the trainable variables) limits the
     ascent to those variables: the others get eps = 0 and stay out of the
@@ -35,7 +35,7 @@ def asam_gradients(model, weights, x, y, loss_fn, selected=None,
     Returns a dict with the clean `loss`, `grads`, `eps`, `adv_loss` and
     `adv_grads` (NumPy), and leaves `model`'s weights at `weights`.
     """
-    import tensorflow as tf
+    from tests.gradients import loss_and_gradients
 
     variables = model.trainable_variables
     biases = [v.path.split("/")[-1] in ("bias", "beta") for v in variables]
@@ -43,12 +43,14 @@ def asam_gradients(model, weights, x, y, loss_fn, selected=None,
     def loss_and_grads(values):
         for v, value in zip(variables, values):
             v.assign(value)
-        with tf.GradientTape() as tape:
+
+        def compute_loss():
             loss = loss_fn(y, model(x, training=True))
-            if model.losses:
-                loss += tf.add_n(model.losses)
-        grads = tape.gradient(loss, variables)
-        return float(loss), [None if g is None else g.numpy() for g in grads]
+            for extra in model.losses:
+                loss = loss + extra
+            return loss
+
+        return loss_and_gradients(variables, compute_loss)
 
     loss, grads = loss_and_grads(weights)
     if selected is None:

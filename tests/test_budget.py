@@ -107,6 +107,7 @@ def test_settings_of_saf_mesa_aesam_scaled_to_the_run():
     assert budget.ema_momentum() == 0.99
 
 
+@pytest.mark.tensorflow
 def test_ema_control_evaluates_what_keras_finalizes():
     """The EMA control's last epoch is evaluated on the average that Keras
     puts into the network at the end of fit (`finalize_variable_values`),

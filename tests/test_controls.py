@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras import ops
 
 import keras_asam
 from keras_asam import ASAMModel
@@ -114,8 +115,8 @@ def test_batch_splits_split_sample_weights_with_the_batch():
               verbose=0)
 
     def weighted(y_true, pred, w):
-        per_example = tf.reduce_mean(tf.square(pred - y_true), axis=-1)
-        return tf.reduce_mean(per_example * w)
+        per_example = ops.mean(ops.square(pred - y_true), axis=-1)
+        return ops.mean(per_example * w)
 
     adv = [np.zeros_like(w) for w in weights]
     for index in np.array_split(np.arange(12), 3):
@@ -137,6 +138,7 @@ def _graph_size(model):
         len(f.node_def) for f in definition.library.function)
 
 
+@pytest.mark.tensorflow
 def test_batch_splits_loop_does_not_grow_with_the_number_of_parts():
     sizes = []
     for n in (2, 32):
@@ -165,7 +167,7 @@ def test_batch_splits_batchnorm_policy():
     assert any("BatchNormalization" in str(w.message) for w in caught)
     bn = model.wrapped_model.layers[1]
     dense = model.wrapped_model.layers[0]
-    hidden = dense(x).numpy()
+    hidden = ops.convert_to_numpy(dense(x))
     mean = np.zeros(5)
     for index in np.array_split(np.arange(5), 3):  # sizes 2, 2, 1
         if len(index) >= 2:
@@ -184,7 +186,10 @@ def test_batch_splits_with_sync_perturbation_on_one_device():
     assert all(np.isfinite(w).all() for w in _weights(model))
 
 
+@pytest.mark.tensorflow
 def test_batch_splits_reject_explicit_xla():
+    # TensorFlow's split loop is a tf.while_loop that XLA does not take;
+    # JAX's step is always compiled.
     model = ASAMModel(_mlp(), num_batch_splits=2)
     with pytest.raises(ValueError, match="num_batch_splits=2"):
         model.compile(optimizer="sgd", loss="mse", jit_compile=True)
@@ -332,7 +337,7 @@ def test_rho_schedule_follows_the_learning_rate_counter_under_accumulation():
 def test_rho_schedule_negative_or_nan_values_act_as_zero():
     class Bad(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step):
-            return tf.where(step < 1, -1.0, math.nan)
+            return ops.where(step < 1, -1.0, math.nan)
 
         def get_config(self):
             return {}

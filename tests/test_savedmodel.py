@@ -2,8 +2,11 @@
 
 import keras
 import numpy as np
+import pytest
 
 from keras_asam import ASAMModel
+
+pytestmark = pytest.mark.tensorflow  # TFSMLayer runs on TensorFlow only.
 
 
 def test_tfsmlayer_variables_are_perturbed_and_updated(tmp_path):

@@ -27,7 +27,7 @@ def _mlp():
 
 
 def _mse(y, pred):
-    return tf.reduce_mean(tf.square(pred - y))
+    return keras.ops.mean(keras.ops.square(pred - y))
 
 
 def _trajectory(decisions, x, y):
@@ -114,6 +114,7 @@ def test_sharpness_log_averages_only_perturbed_steps():
     np.testing.assert_allclose(logs[3], logs[1], rtol=1e-5)
 
 
+@pytest.mark.tensorflow
 def test_schedules_trace_one_function_per_kind_and_match_under_xla():
     # The host picks each step's kind: one traced step with the perturbed
     # pass, one without, and no retracing after that.

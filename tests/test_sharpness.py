@@ -84,6 +84,7 @@ def test_dataset_and_numpy_agree_and_weights_are_restored():
         np.testing.assert_array_equal(b, w)
 
 
+@pytest.mark.tensorflow
 def test_weights_are_restored_when_it_raises():
     x, y = _data()
     model = _relu_net()

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras import ops
 
 from keras_asam import ASAMModel, SAMModel
 from tests import reference
@@ -25,7 +26,7 @@ def _mlp(seed=0):
 
 
 def _mse(y, pred):
-    return tf.reduce_mean(tf.square(pred - y))
+    return ops.mean(ops.square(pred - y))
 
 
 def _weights(model):
@@ -61,7 +62,7 @@ def test_any_optimizer_applies_the_adversarial_gradient(make_optimizer):
     for v, w in zip(plain.trainable_variables, weights):
         v.assign(w)
     optimizer = make_optimizer()
-    optimizer.apply([tf.constant(g) for g in step["adv_grads"]],
+    optimizer.apply([ops.convert_to_tensor(g) for g in step["adv_grads"]],
                     plain.trainable_variables)
     _assert_weights(model, _weights(plain))
 

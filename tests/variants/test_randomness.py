@@ -90,7 +90,8 @@ def trained_noise(jit_compile=False):
         return [keras.random.normal(v.shape, seed=fresh)
                 for v in model.trainable_variables]
 
-    if jit_compile:  # TensorFlow's XLA kernels draw other numbers.
+    if jit_compile and keras.backend.backend() == "tensorflow":
+        # TensorFlow's XLA kernels draw other numbers.
         import tensorflow as tf
 
         draw = tf.function(draw, jit_compile=True)
