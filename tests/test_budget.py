@@ -227,6 +227,7 @@ def test_point4_rule(asam, candidates, answer, qualifying):
     assert math.isclose(entry["threshold"], 0.7 * asam[0])
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_budget_quick(tmp_path):
     done = subprocess.run(
@@ -384,6 +385,7 @@ def _check_new_methods(runs, cells):
         assert cell["passes_per_step_measured"] == pytest.approx(expected)
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_budget_quick_select(tmp_path):
     budget = _budget_module()

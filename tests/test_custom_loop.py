@@ -272,6 +272,7 @@ def test_mismatched_lengths_and_bad_types_raise():
             pass
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_example_runs(tmp_path):
     done = subprocess.run(

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.tensorflow  # tf.distribute.MirroredStrategy
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,7 @@ def test_quickstart_output_files_name_the_run_and_the_backend():
     assert stem(0.0, False, "torch") == "quickstart_noise0_torch"
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_quickstart_quick_run(tmp_path):
     out = _run("quickstart.py", "--quick", "--epochs", "2", "--verbose", "0",
@@ -133,6 +134,7 @@ def test_quickstart_quick_run(tmp_path):
     assert record["table"] in out
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_quickstart_other_noise_level_writes_its_own_files(tmp_path):
     out = _run("quickstart.py", "--label-noise", "0", "--epochs", "1",
@@ -338,6 +340,7 @@ def _endpoints(out):
     return found
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_toy_trajectories(tmp_path):
     out = _run("toy_trajectories.py", "--output-dir", str(tmp_path))
@@ -367,6 +370,7 @@ def test_toy_trajectories(tmp_path):
         assert abs(sam) < 0.3 * abs(initial), out
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_default_output_dir_is_next_to_the_script(tmp_path):
     # A copy of the script, run from another directory without --output-dir,
@@ -389,6 +393,7 @@ def test_default_output_dir_is_next_to_the_script(tmp_path):
         assert module.OUTPUT_DIR == os.path.join(EXAMPLES, "outputs"), name
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_tfhub_finetune(tmp_path):
     # The temporary backbone directory must not outlive the run: give the

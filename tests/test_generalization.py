@@ -26,6 +26,7 @@ def _mnist1d_installed():
     return True
 
 
+@pytest.mark.tensorflow
 @pytest.mark.slow
 def test_generalization_quick(tmp_path):
     done = subprocess.run(

@@ -56,11 +56,6 @@ class TensorFlowTrainStep(SharedStep):
                 variables,
             )
 
-    def _add_to_weights(self, deltas):
-        for v, delta in zip(self.trainable_variables, deltas):
-            if delta is not None:
-                v.assign_add(tf.cast(delta, v.dtype))
-
     # -- decisions made once per step, before the passes -----------------
 
     def _runs_perturbed_pass(self, rho, choice):

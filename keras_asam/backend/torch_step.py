@@ -35,11 +35,6 @@ class TorchTrainStep(SharedStep):
         if finite is None or bool(finite):
             self.optimizer.apply(descent, self.trainable_variables)
 
-    def _add_to_weights(self, deltas):
-        for v, delta in zip(self.trainable_variables, deltas):
-            if delta is not None:
-                v.assign_add(delta.to(v.value.dtype))
-
     # -- the passes -------------------------------------------------------
 
     def _read(self, variable):

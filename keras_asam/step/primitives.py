@@ -75,7 +75,9 @@ class Primitives:
 
     def _add_to_weights(self, deltas):
         """w <- w + deltas (`None` entries: unchanged)."""
-        raise NotImplementedError
+        for v, delta in zip(self.trainable_variables, deltas):
+            if delta is not None:
+                v.assign_add(ops.cast(delta, v.dtype))
 
     def _read(self, variable):
         return variable.value

@@ -10,7 +10,7 @@ checked against an independent computation (same machine: to 1e-6):
 - `after_update`: state updated from the weights after each update.
 
 The module runs natively on the active backend (`tests/test_native.py`
-runs it under JAX, and PyTorch under the `torch` marker), and on
+runs the suite under JAX, and PyTorch under the `torch` marker), and on
 TensorFlow the decision under a two-replica `MirroredStrategy`.
 """
 
