@@ -27,7 +27,7 @@ class TorchTrainStep(SharedStep):
         it takes the perturbed pass."""
         # Gradients are taken inside the passes only.
         with torch.no_grad():
-            logs = self._step(data, run)
+            logs = self._eager_step(data, run)
         self.zero_grad()
         return logs
 

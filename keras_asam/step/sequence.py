@@ -26,6 +26,27 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
 
     # -- the step, once ------------------------------------------------------
 
+    def _eager_step(self, data, choice):
+        """`_step` on a backend that runs it eagerly. The hooks' outputs are
+        checked as they run, after some variables may have been written:
+        the first step of each kind (`choice`) restores every variable of
+        the model and the optimizer if it raises, so that nothing is half
+        applied. (Traced backends check while tracing, before any write.)
+        """
+        checked = self.__dict__.setdefault("_eager_kinds_checked", set())
+        if choice in checked:
+            return self._step(data, choice)
+        variables = list(self.variables) + list(self.optimizer.variables)
+        saved = self._saved(variables)
+        try:
+            logs = self._step(data, choice)
+        except Exception:
+            for variable, value in zip(variables, saved):
+                variable.assign(value)
+            raise
+        checked.add(choice)
+        return logs
+
     def _step(self, data, choice=None):
         """One training step; returns the logs.
 
