@@ -40,9 +40,11 @@ def loss_and_gradients(variables, compute_loss):
     elif backend == "torch":
         import torch
 
-        loss = compute_loss()
-        grads = torch.autograd.grad(loss, [v.value for v in variables],
-                                    allow_unused=True)
+        with torch.enable_grad():
+            loss = compute_loss()
+            grads = torch.autograd.grad(loss, [v.value for v in variables],
+                                        allow_unused=True)
+        loss = loss.detach()
     else:
         raise ValueError(f"No reference gradients on backend {backend!r}")
     return float(to_numpy(loss)), [

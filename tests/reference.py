@@ -1,6 +1,7 @@
 """An independent NumPy implementation of the (A)SAM perturbation, written
 from the paper's formulas, for the tests to compare against."""
 
+import keras
 import numpy as np
 
 
@@ -45,7 +46,8 @@ def asam_gradients(model, weights, x, y, loss_fn, selected=None,
             v.assign(value)
 
         def compute_loss():
-            loss = loss_fn(y, model(x, training=True))
+            loss = loss_fn(keras.ops.convert_to_tensor(y),
+                           model(x, training=True))
             for extra in model.losses:
                 loss = loss + extra
             return loss

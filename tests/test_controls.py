@@ -116,7 +116,7 @@ def test_batch_splits_split_sample_weights_with_the_batch():
 
     def weighted(y_true, pred, w):
         per_example = ops.mean(ops.square(pred - y_true), axis=-1)
-        return ops.mean(per_example * w)
+        return ops.mean(per_example * ops.convert_to_tensor(w))
 
     adv = [np.zeros_like(w) for w in weights]
     for index in np.array_split(np.arange(12), 3):

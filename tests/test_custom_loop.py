@@ -169,6 +169,7 @@ def _bits(variable):
     return np.asarray(variable).tobytes()
 
 
+@pytest.mark.tensorflow  # With a tf.Variable beside a Keras variable.
 def test_perturbed_moves_and_restores_bitwise_when_the_body_raises():
     variables, values, gradients = _variables()
     before = [_bits(v) for v in variables]
@@ -178,8 +179,10 @@ def test_perturbed_moves_and_restores_bitwise_when_the_body_raises():
     with pytest.raises(RuntimeError, match="in the body"):
         with perturbed(variables, gradients, rho=2.0) as eps:
             for v, e in zip(variables, expected):
-                np.testing.assert_allclose(v.numpy(), e, rtol=0, atol=1e-6)
-            naive = [(v.numpy() - ops.convert_to_numpy(e)).tobytes()
+                np.testing.assert_allclose(ops.convert_to_numpy(v), e, rtol=0,
+                                           atol=1e-6)
+            naive = [(ops.convert_to_numpy(v) - ops.convert_to_numpy(e))
+                     .tobytes()
                      for v, e in zip(variables, eps)]
             raise RuntimeError("in the body")
 

@@ -17,6 +17,7 @@ import pytest
 import keras_asam
 from keras_asam import variants
 from tests import family_reference, family_script
+from tests.common import traced_only
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOLERANCE = 1e-5
@@ -290,6 +291,7 @@ def test_momentum_sam_skips_a_non_finite_step():
     assert sum(changed) == 2
 
 
+@traced_only
 @pytest.mark.parametrize("case", ["fsam_asam", "wsam_asam"])
 def test_steps_picked_in_the_graph_match_steps_picked_on_the_host(case):
     # asam_every=2 with steps_per_execution=2: the graph picks each step's

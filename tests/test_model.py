@@ -47,7 +47,8 @@ def _reference_step(weights, x, y, **variant):
 
         def compute_loss():
             pred = clone(x, training=True)
-            return ops.mean(ops.square(pred - y)) + ops.sum(
+            error = pred - ops.convert_to_tensor(y)
+            return ops.mean(ops.square(error)) + ops.sum(
                 ops.stack(clone.losses))
 
         return loss_and_gradients(variables, compute_loss)

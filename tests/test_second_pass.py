@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras_asam import ASAMModel
 from keras_asam import second_pass as schedule
 from tests import reference
+from tests.common import traced_only
 
 LR = 0.1
 VARIANT = dict(rho=0.5, eta=0.01, adaptive=True, normalization="elementwise",
@@ -141,6 +142,7 @@ def test_schedules_trace_one_function_per_kind_and_match_under_xla():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@traced_only
 def test_host_and_graph_pick_the_same_steps():
     # steps_per_execution=3 leaves the choice to the graph (tf.cond on the
     # model's counter); 1 lets the host pick. Same steps, same weights.

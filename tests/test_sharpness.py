@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import keras_asam
 from keras_asam import ASAMModel
+from tests.common import traced_only
 
 
 def _data(n=64, seed=0):
@@ -179,6 +180,7 @@ class CountingNet(keras.Model):
         return self.out(self.hidden(x))
 
 
+@traced_only
 def test_meter_reuses_its_traced_function_and_follows_changes():
     x, y = _data()
     keras.utils.set_random_seed(0)

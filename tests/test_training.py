@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_asam import ASAMModel, SAMModel
 from tests import reference
+from tests.common import traced_only
 
 VARIANT = dict(rho=0.5, eta=0.01, adaptive=True, normalization="elementwise",
                p=2)
@@ -179,6 +180,7 @@ def test_numpy_and_tf_data_give_the_same_weights():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@traced_only
 def test_steps_per_execution_gives_the_same_weights():
     x, y = _data(32)
     results = []
@@ -347,6 +349,7 @@ def test_skip_on_every_step_changes_nothing(options, jit):
     assert model.train_steps == 4
 
 
+@traced_only
 @pytest.mark.parametrize("jit", [False, True])
 def test_skip_with_a_schedule_picked_in_the_graph(jit):
     # asam_every=2 with steps_per_execution=2: each call mixes a perturbed
