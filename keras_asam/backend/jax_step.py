@@ -307,7 +307,8 @@ class JaxTrainStep(SharedStep):
                 except Exception:
                     # Raised while tracing (a hook's output checked): give
                     # back the values `fit` detached from the variables.
-                    if not any(x.is_deleted() for x in jax.tree.leaves(state)):
+                    if not any(getattr(x, "is_deleted", bool)()
+                               for x in jax.tree.leaves(state)):
                         self._jax_state = dict(zip(_STATE_KEYS, state))
                         self._jax_state_synced = False
                         self.jax_state_sync()
