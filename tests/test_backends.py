@@ -5,6 +5,12 @@ KERAS_BACKEND set (this process stays on TensorFlow); its JSON measurements
 are compared here with NumPy references: a tiny MLP's gradients written out
 by hand and `tests/reference.py`'s eps. PyTorch's tests carry the `torch`
 marker and are skipped when `torch` is not installed.
+
+What the suite checks natively on every backend (one step, `perturb`,
+`non_finite_step`, BatchNorm statistics, split batches; `tests/test_native.py`)
+is not measured here again: this module keeps what compares a backend with
+TensorFlow (trajectories, a `.keras` file, the sharpness meter), imports,
+mixed precision, JAX's `DataParallel` and the custom-loop helpers.
 """
 
 import importlib.util
@@ -211,46 +217,6 @@ def test_import_does_not_import_tensorflow(run):
     assert not run["tensorflow_imported_before_loading"]
 
 
-@pytest.mark.parametrize("name, variant", [
-    ("asam_elementwise", dict(rho=0.5)),
-    ("asam_filterwise", dict(rho=0.5, normalization="filterwise")),
-    ("sam", dict(rho=0.05, adaptive=False)),
-    ("asam_pinf", dict(rho=0.05, p=math.inf)),
-])
-def test_one_step_matches_reference(run, name, variant):
-    w, x, y = data(run)
-    loss, _, adv_loss, g_adv = adversarial(w, x, y, **variant)
-    measured = run["one_step"][name]
-    assert_weights(measured["weights"], step(w, g_adv))
-    assert measured["loss"] == pytest.approx(loss, rel=1e-5)
-    assert measured["sharpness"] == pytest.approx(adv_loss - loss,
-                                                  rel=1e-4, abs=1e-6)
-
-
-PERTURB = {  # name: (variant, which of [kernel, bias, kernel, bias] move)
-    "kernels_asam": (dict(rho=0.5), [True, False, True, False]),
-    "biases_sam": (dict(rho=0.05, adaptive=False), [False, True, False, True]),
-    "callable_asam": (dict(rho=0.5), [True, False, True, False]),
-}
-
-
-@pytest.mark.parametrize("name", list(PERTURB))
-def test_perturb_limits_the_ascent_to_the_selected_variables(run, name):
-    variant, mask = PERTURB[name]
-    w, x, y = data(run)
-    loss, _, adv_loss, g_adv = adversarial(w, x, y, mask=mask, **variant)
-    # The selection changes the step (the test tells them apart).
-    _, _, _, g_all = adversarial(w, x, y, **variant)
-    assert max(np.abs(a - b).max() for a, b in zip(g_adv, g_all)) > 1e-3
-    measured = run["perturb"][name]
-    assert_weights(measured["weights"], step(w, g_adv))
-    assert measured["sharpness"] == pytest.approx(adv_loss - loss,
-                                                  rel=1e-4, abs=1e-6)
-    # Every variable descends, also the unperturbed ones.
-    assert all(not np.allclose(a, b)
-               for a, b in zip(measured["weights"], w))
-
-
 def test_perturb_normalization_moves_only_the_normalization_layers(run):
     """SAM-ON on Dense -> LayerNormalization -> Dense: against the
     reference step (TensorFlow gradients, NumPy eps) with the ascent on
@@ -287,13 +253,6 @@ def test_perturb_selecting_nothing_raises_before_training(run):
     assert empty["unchanged"]
 
 
-def test_no_trainable_weights_raises_before_training(run):
-    frozen = run["perturb"]["frozen"]
-    assert frozen["error"] == "ValueError"
-    assert "no trainable weights" in frozen["message"]
-    assert frozen["unchanged"]
-
-
 @pytest.mark.parametrize("name, mask", [
     ("gsam", None), ("gsam_kernels", [True, False, True, False])])
 def test_gsam_one_step(run, name, mask):
@@ -312,30 +271,6 @@ def test_nonfinite_perturbed_loss_falls_back_to_clean_gradient(run):
     assert_weights(run["one_step"]["nonfinite"]["weights"], step(w, g))
 
 
-def test_skip_leaves_out_only_the_non_finite_step(run):
-    # SGD(0.1, momentum=0.9), rho 0.05, 1e30, 0.05: Keras' momentum update
-    # v <- 0.9 v - 0.1 d, w <- w + v on the first and third steps only.
-    w, x, y = data(run)
-    velocity = [np.zeros_like(a) for a in w]
-    for rho in (0.05, 0.05):
-        _, _, _, g_adv = adversarial(w, x, y, rho=rho, adaptive=False)
-        velocity = [0.9 * v - LR * d for v, d in zip(velocity, g_adv)]
-        w = [a + v for a, v in zip(w, velocity)]
-    middle = run["non_finite_skip"]["middle"]
-    assert_weights(middle["weights"], w)
-    assert middle["iterations"] == 2 and middle["train_steps"] == 3
-    # Every step skipped: weights bitwise as they were, momentum zero.
-    skipped = run["non_finite_skip"]["all"]
-    for got, want in zip(skipped["weights"], run["data"]["w0"]):
-        np.testing.assert_array_equal(np.float32(got), np.float32(want))
-    assert skipped["iterations"] == 0 and skipped["train_steps"] == 2
-    assert skipped["momentum_zero"]
-    # A finite loss with a NaN direction is skipped too.
-    direction = run["non_finite_skip"]["direction"]
-    assert direction["loss_finite"] and direction["unchanged"]
-    assert direction["iterations"] == 0
-
-
 @pytest.mark.parametrize("name", list(TRAJECTORIES))
 def test_trajectories_pick_the_same_steps_as_tensorflow(run, name):
     options = dict(TRAJECTORIES[name])
@@ -348,13 +283,6 @@ def test_trajectories_pick_the_same_steps_as_tensorflow(run, name):
     measured = run["trajectory"][name]
     assert measured["train_steps"] == STEPS
     assert_weights(measured["weights"], expected, atol=2e-5)
-
-
-def test_batchnorm_statistics_policy(run):
-    default, keep = run["batchnorm"]["False"], run["batchnorm"]["True"]
-    np.testing.assert_allclose(default["moving_mean"],
-                               default["clean_moving_mean"], atol=1e-6)
-    assert not np.allclose(keep["moving_mean"], keep["clean_moving_mean"])
 
 
 @pytest.mark.parametrize("mode", ["functional", "wrapped", "subclassed"])
@@ -380,38 +308,6 @@ def test_keras_file_saved_on_tensorflow_loads(run):
     assert loaded["trains"]
 
 
-SPLITS = {  # name: (variant, splits, batch, sample weights)
-    "asam_3": (dict(rho=0.5), 3, 16, False),  # parts of 6, 5, 5
-    "sam_20": (dict(rho=0.05, adaptive=False), 20, 16, False),  # 16 of 1
-    "asam_4_of_7": (dict(rho=0.5), 4, 7, False),  # 2, 2, 2, 1
-    "sam_3_weighted": (dict(rho=0.05, adaptive=False), 3, 16, True),
-    # perturb= with splits: each part's ascent on the kernels only.
-    "asam_3_kernels": (dict(rho=0.5, mask=[True, False, True, False]), 3,
-                       16, False),
-}
-
-
-@pytest.mark.parametrize("name", list(SPLITS))
-def test_batch_splits_match_the_per_part_reference(run, name):
-    variant, n, batch, weighted = SPLITS[name]
-    w, x, y = data(run)
-    x, y = x[:batch], y[:batch]
-    sw = np.linspace(0.2, 2.0, 16)[:batch] if weighted else None
-    _, g_adv, sharpness = split_adversarial(w, x, y, n, sw, **variant)
-    measured = run["splits"][name]
-    assert_weights(measured["weights"], step(w, g_adv))
-    # Loss and metrics of the batch at w, from the parts' joined predictions.
-    loss, _ = loss_and_grads(w, x, y, sw)
-    assert measured["loss"] == pytest.approx(loss, rel=1e-5)
-    if not weighted:
-        assert measured["mae"] == pytest.approx(
-            np.abs(predict(w, x) - y).mean(), rel=1e-5)
-    assert measured["sharpness"] == pytest.approx(sharpness, rel=1e-4,
-                                                  abs=1e-6)
-    # On JAX the split step is jitted (the parts' sizes are static there).
-    assert measured["jit_compile"] == (run["backend"] == "jax")
-
-
 def test_batch_splits_with_gsam(run):
     w, x, y = data(run)
     g, g_adv, _ = split_adversarial(w, x, y, 3, rho=0.05, adaptive=False)
@@ -427,21 +323,6 @@ def test_batch_splits_with_looksam(run):
                           rho=0.5, looksam=0.7, splits=3)
     assert_weights(run["splits"]["looksam_3"]["weights"], expected,
                    atol=2e-5)
-
-
-def test_batch_splits_batchnorm_policy(run):
-    # Parts of 2, 2, 1: the two parts of two examples update the moving
-    # mean once each (from their clean pass); the part of one leaves it.
-    measured = run["splits"]["batchnorm"]
-    assert measured["warned"]
-    _, x, _ = data(run)
-    hidden = x[:5] @ np.asarray(measured["kernel"]) + measured["bias"]
-    mean = np.zeros(3)
-    for index in np.array_split(np.arange(5), 3):
-        if len(index) >= 2:
-            mean = 0.5 * mean + 0.5 * hidden[index].mean(0)
-    np.testing.assert_allclose(measured["moving_mean"], mean, rtol=1e-5,
-                               atol=1e-6)
 
 
 def test_sharpness_meter_equals_tensorflow_and_reference(run):
