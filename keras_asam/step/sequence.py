@@ -33,8 +33,7 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
         the model and the optimizer if it raises, so that nothing is half
         applied. (Traced backends check while tracing, before any write.)
         """
-        checked = self.__dict__.setdefault("_eager_kinds_checked", set())
-        if choice in checked:
+        if choice in self._eager_kinds_checked:
             return self._step(data, choice)
         variables = list(self.variables) + list(self.optimizer.variables)
         saved = self._saved(variables)
@@ -44,7 +43,7 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
             for variable, value in zip(variables, saved):
                 variable.assign(value)
             raise
-        checked.add(choice)
+        self._eager_kinds_checked.add(choice)
         return logs
 
     def _step(self, data, choice=None):

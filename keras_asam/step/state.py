@@ -30,6 +30,8 @@ class OwnState:
                            variant that decides it (also out of `metrics`)
         _pass_loss_term    the variant's loss term during a step's passes,
                            else None
+        _eager_kinds_checked  the kinds of step (`choice`) an eager
+                           backend has run once, guarded (`_eager_step`)
 
     The options are `self.options` (`keras_asam.options.Options`) and the
     variant `self.variant`, both fixed when the model is made.
@@ -59,6 +61,7 @@ class OwnState:
                             ("_perturbed_tracker", "perturbed_steps")):
             object.__setattr__(self, name, keras.metrics.Mean(name=label))
         self._pass_loss_term = None
+        self._eager_kinds_checked = set()
 
 
     def _symbolic_build(self, iterator=None, data_batch=None):
