@@ -5,11 +5,6 @@ import keras
 import numpy as np
 
 
-def to_numpy(x):
-    """A tensor of any backend (or a Keras variable) as a NumPy array."""
-    return keras.ops.convert_to_numpy(x)
-
-
 def loss_and_gradients(variables, compute_loss):
     """`(loss, gradients)` of `compute_loss()` with respect to `variables`,
     as a float and NumPy arrays (`None` where the loss does not depend on
@@ -29,10 +24,10 @@ def loss_and_gradients(variables, compute_loss):
         grads = tape.gradient(loss, variables)
     elif backend == "jax":
         import jax
-        from keras.src.backend.common.stateless_scope import StatelessScope
 
         def loss_at(values):
-            with StatelessScope(state_mapping=list(zip(variables, values))):
+            mapping = list(zip(variables, values))
+            with keras.StatelessScope(state_mapping=mapping):
                 return compute_loss()
 
         loss, grads = jax.value_and_grad(loss_at)(
@@ -47,5 +42,6 @@ def loss_and_gradients(variables, compute_loss):
         loss = loss.detach()
     else:
         raise ValueError(f"No reference gradients on backend {backend!r}")
+    to_numpy = keras.ops.convert_to_numpy
     return float(to_numpy(loss)), [
         None if g is None else np.asarray(to_numpy(g)) for g in grads]

@@ -10,7 +10,6 @@ from keras import ops
 import keras_asam
 from keras_asam import ASAMModel, SAMModel
 from tests import reference
-from tests.gradients import loss_and_gradients
 
 LR = 0.1
 
@@ -36,28 +35,12 @@ def _mlp(seed=0, regularized=True):
 
 def _reference_step(weights, x, y, **variant):
     """One (A)SAM step from the backend's own gradients and the NumPy
-    formulas."""
-    clone = _mlp()
-    variables = clone.trainable_variables
-    biases = [v.path.endswith("bias") for v in variables]
-
-    def loss_and_grads(values):
-        for v, value in zip(variables, values):
-            v.assign(value)
-
-        def compute_loss():
-            pred = clone(x, training=True)
-            error = pred - ops.convert_to_tensor(y)
-            return ops.mean(ops.square(error)) + ops.sum(
-                ops.stack(clone.losses))
-
-        return loss_and_gradients(variables, compute_loss)
-
-    loss, grads = loss_and_grads(weights)
-    eps = reference.eps(grads, weights, biases, **variant)
-    adv_loss, adv_grads = loss_and_grads([w + e for w, e in zip(weights, eps)])
-    new_weights = [w - LR * g for w, g in zip(weights, adv_grads)]
-    return new_weights, loss, adv_loss - loss
+    formulas (`tests/reference.py`), the L2 penalty in the loss."""
+    step = reference.asam_gradients(
+        _mlp(), weights, x, y,
+        lambda t, p: ops.mean(ops.square(p - t)), **variant)
+    new_weights = [w - LR * g for w, g in zip(weights, step["adv_grads"])]
+    return new_weights, step["loss"], step["adv_loss"] - step["loss"]
 
 
 VARIANTS = [

@@ -6,9 +6,9 @@ from keras import ops
 
 from keras_asam.perturbation import is_bias, normalizer, perturbation
 from tests import reference
-from tests.gradients import to_numpy
 
 tensor = ops.convert_to_tensor
+to_numpy = ops.convert_to_numpy
 
 VARIANTS = [
     dict(adaptive=True, normalization="elementwise", p=2),
