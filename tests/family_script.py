@@ -1,6 +1,6 @@
 """Friendly-SAM, WSAM and Momentum-SAM on one Keras backend.
 
-Run in a subprocess with KERAS_BACKEND set (tests/test_family.py):
+Run in a subprocess with KERAS_BACKEND set (tests/variants/family.py):
 
     KERAS_BACKEND=jax python tests/family_script.py OUT.npz
 

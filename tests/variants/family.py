@@ -1,0 +1,197 @@
+"""Shared checks of Friendly-SAM, WSAM and Momentum-SAM against their NumPy
+trajectories (`tests/family_reference.py`): three steps of SGD with momentum
+on the MLP of `tests/family_script.py`, to 1e-5.
+
+`tests/variants/test_friendly.py`, `test_wsam.py` and `test_momentum_sam.py`
+each run these for their own cases; the subprocess runs (JAX, PyTorch and a
+two-replica `MirroredStrategy`) are session fixtures in
+`tests/variants/conftest.py`, one process for all three modules.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from tests import family_reference, family_script
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = 1e-5
+
+# The subprocess runs check another backend than the suite's own; started
+# from the TensorFlow suite only (the JAX and PyTorch suites run these
+# modules natively).
+from_tensorflow_suite = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="another backend's run, started from the TensorFlow suite")
+
+
+def cases(prefix):
+    """The names of `family_script.CASES` that start with `prefix`."""
+    return sorted(c for c in family_script.CASES if c.startswith(prefix))
+
+
+def expected(case, batch_size=16):
+    class_name, config, options = family_script.CASES[case]
+    x, y, w0 = family_script.data()
+    batches = [(x[i:i + batch_size], y[i:i + batch_size])
+               for i in range(0, len(x), batch_size)]
+    return family_reference.trajectory(
+        class_name, config, w0, batches, rho=options["rho"],
+        adaptive=options.get("adaptive", True), lr=family_script.LR)
+
+
+def check(out, case, prefix=None):
+    """`out`'s weights and state for `case` against NumPy, to 1e-5."""
+    prefix = prefix or case
+    weights, state = expected(case)
+    for i, w in enumerate(weights):
+        np.testing.assert_allclose(out[f"{prefix}/w{i}"], w, rtol=TOLERANCE,
+                                   atol=TOLERANCE, err_msg=f"{prefix} w{i}")
+    if state is not None:
+        for i, s in enumerate(state):
+            np.testing.assert_allclose(
+                out[f"{prefix}/state{i}"], s, rtol=TOLERANCE,
+                atol=TOLERANCE, err_msg=f"{prefix} state{i}")
+
+
+def run_here(case, **kwargs):
+    """Three steps of `case` on the suite's backend; its measurements."""
+    out = {}
+    model = family_script.train(family_script.build(case), **kwargs)
+    family_script.measurements(case, model, out)
+    return out, model
+
+
+def run_script(tmp_path, backend, *flags):
+    """Every case of `family_script.CASES` in a subprocess on `backend`."""
+    out = str(tmp_path / f"{backend}.npz")
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    done = subprocess.run(
+        [sys.executable, os.path.join(TESTS, "family_script.py"), out,
+         *flags],
+        env=env, timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(np.load(out))
+
+
+def check_mirrored(results, case):
+    # Two replicas of 8 examples: with sync_perturbation every replica
+    # takes the single-device step on the batch of 16; with per-replica
+    # ascent the step differs but every replica holds the same weights
+    # and state (the state follows the all-reduced gradients).
+    for sync in (1, 0):
+        assert bool(results[f"{case}/sync{sync}/replicas_equal"])
+    check(results, case, prefix=f"{case}/sync1")
+    for key, value in results.items():
+        if key.startswith(case + "/"):
+            assert np.all(np.isfinite(value)), key
+
+
+def mixed_precision_follows_float32(case):
+    # The state holds unscaled float32 gradients and the corrections are
+    # unscaled: the update matches float32 up to float16 rounding, not off
+    # by the loss scale.
+    updates = []
+    x, y, _ = family_script.data()
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        model = family_script.build(case)
+        before = [v.numpy() for v in model.trainable_variables]
+        optimizer = keras.optimizers.SGD(family_script.LR, momentum=0.9)
+        if policy == "mixed_float16":
+            # A scale at which no step overflows (a skipped step would make
+            # another trajectory).
+            optimizer = keras.optimizers.LossScaleOptimizer(
+                optimizer, initial_scale=2.0**8)
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == 3
+        updates.append([v.numpy() - b for v, b in
+                        zip(model.trainable_variables, before)])
+    size = max(np.abs(u).max() for u in updates[0])
+    assert size > 1e-3
+    for a, b in zip(*updates):
+        np.testing.assert_allclose(b, a, atol=0.02 * size)
+
+
+def perturb_limits_the_ascent_to_the_kernels(case):
+    # perturb=[kernels]: the biases get eps = 0 and stay out of the norm.
+    out, model = {}, family_script.build(case, perturb=[r"kernel$"])
+    family_script.train(model)
+    family_script.measurements(case, model, out)
+    class_name, config, options = family_script.CASES[case]
+    x, y, w0 = family_script.data()
+    weights, _ = family_reference.trajectory(
+        class_name, config, w0, [(x[i:i + 16], y[i:i + 16])
+                                 for i in range(0, len(x), 16)],
+        rho=options["rho"], adaptive=options.get("adaptive", True),
+        selected=[True, False, True, False])
+    for i, w in enumerate(weights):
+        np.testing.assert_allclose(out[f"{case}/w{i}"], w, rtol=TOLERANCE,
+                                   atol=TOLERANCE)
+
+
+def save_load_and_continue(case, tmp_path):
+    model = family_script.train(family_script.build(case), steps=2)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # Registered: no custom_objects.
+    assert type(loaded.variant) is type(model.variant)
+    assert loaded.variant.get_config() == model.variant.get_config()
+    x, y, _ = family_script.data()
+    for m in (model, loaded):
+        m.fit(x[32:], y[32:], batch_size=16, shuffle=False, verbose=0)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("interrupted")
+
+
+def backup_and_restore_resumes_exactly(case, tmp_path):
+    x, y, _ = family_script.data()
+
+    def fit(model, callbacks):
+        model.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0,
+                  callbacks=callbacks)
+
+    def compiled():
+        model = family_script.build(case)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      loss="mse")
+        return model
+
+    whole = compiled()
+    fit(whole, [])
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(compiled(), [backup, _Interrupt()])
+    again = compiled()
+    fit(again, [backup])
+    for a, b in zip(whole.weights, again.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def steps_picked_in_the_graph_match_steps_picked_on_the_host(case):
+    # asam_every=2 with steps_per_execution=2: the graph picks each step's
+    # kind (a boolean tensor: the hooks' results are selected), against the
+    # host picking it (one traced function per kind). Four steps.
+    runs = []
+    x, y, _ = family_script.data()
+    for steps_per_execution in (1, 2):
+        model = family_script.build(case, asam_every=2)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      loss="mse", steps_per_execution=steps_per_execution)
+        model.fit(np.concatenate([x, x[:16]]), np.concatenate([y, y[:16]]),
+                  batch_size=16, shuffle=False, verbose=0)
+        assert model.train_steps == 4
+        runs.append([v.numpy() for v in model.weights])
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
