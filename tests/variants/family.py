@@ -2,7 +2,7 @@
 trajectories (`tests/family_reference.py`): three steps of SGD with momentum
 on the MLP of `tests/family_script.py`, to 1e-5.
 
-`tests/variants/test_friendly.py`, `test_wsam.py` and `test_momentum_sam.py`
+`tests/variants/test_friendly.py`, `test_wsam.py` and `test_momentum.py`
 each run these for their own cases; the subprocess runs (JAX, PyTorch and a
 two-replica `MirroredStrategy`) are session fixtures in
 `tests/variants/conftest.py`, one process for all three modules.
