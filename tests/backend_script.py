@@ -184,7 +184,7 @@ OUT["custom_loop"]["perturbed"] = {
 
 # num_batch_splits with GSAM and LookSAM (the plain split step, its sample
 # weights and its BatchNorm policy are checked natively:
-# tests/test_controls.py); asam_3 serves the distributed runs below.
+# tests/test_batch_splits.py); asam_3 serves the distributed runs below.
 split_cases = {"asam_3": dict(rho=0.5, num_batch_splits=3)}
 model, _ = trained(rho=0.05, adaptive=False, gsam_alpha=0.3,
                    num_batch_splits=3)

@@ -35,3 +35,30 @@ def weights(model):
 def assert_close(actual, expected, tol=1e-5):
     for a, e in zip(actual, expected):
         np.testing.assert_allclose(a, e, rtol=tol, atol=tol)
+
+
+def mlp(seed=0, layernorm=False):
+    """Dense(5, tanh, L2 1e-2) [+ LayerNormalization] + Dense(2), on 6
+    inputs."""
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((6,)),
+              keras.layers.Dense(5, activation="tanh",
+                                 kernel_regularizer=keras.regularizers.L2(1e-2))]
+    if layernorm:
+        layers.append(keras.layers.LayerNormalization())
+    return keras.Sequential(layers + [keras.layers.Dense(2)])
+
+
+def fit(model, x, y, batch_size=None, epochs=1, optimizer=None, **kw):
+    """Compile with SGD(LR) and mse, fit without shuffling; the history."""
+    model.compile(optimizer=optimizer or keras.optimizers.SGD(LR), loss="mse",
+                  **kw)
+    return model.fit(x, y, batch_size=batch_size or len(x), epochs=epochs,
+                     shuffle=False, verbose=0).history
+
+
+def network(name="small_block"):
+    """Dense(3) named `name`, then Dense(2), on 4 inputs."""
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(3, name=name)(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2)(h))

@@ -1,4 +1,5 @@
-"""ASAMModel: the numbers of one step, construction, config and bad input."""
+"""ASAMModel: the numbers of one step, construction, config, bad input,
+rho, its summary, and rho = 0 against a plain model."""
 
 import math
 
@@ -7,9 +8,11 @@ import numpy as np
 import pytest
 from keras import ops
 
-import keras_asam
 from keras_asam import ASAMModel, SAMModel
 from tests import reference
+from tests.common import assert_close as _assert_close
+from tests.common import network
+from tests.common import weights as _weights
 
 LR = 0.1
 
@@ -274,29 +277,6 @@ def test_rho_setter_takes_effect_without_retracing():
     assert traces == [True, False] and zero[0] == 0.0
 
 
-def test_rho_scheduler_sets_rho_each_epoch():
-    x, y = _data()
-    model = ASAMModel(_mlp(), rho=0.5)
-    model.compile(optimizer="sgd", loss="mse")
-    schedule = keras_asam.callbacks.RhoScheduler(
-        lambda epoch, rho: 0.1 * (epoch + 1))
-    logs = model.fit(x, y, epochs=3, verbose=0, callbacks=[schedule]).history
-    np.testing.assert_allclose(logs["rho"], [0.1, 0.2, 0.3], rtol=1e-6)
-    assert model.rho == pytest.approx(0.3)
-
-
-def test_rho_scheduler_rejects_bad_value_before_training_changes():
-    x, y = _data()
-    model = ASAMModel(_mlp(), rho=0.5)
-    model.compile(optimizer="sgd", loss="mse")
-    before = [v.numpy().copy() for v in model.weights]
-    bad = keras_asam.callbacks.RhoScheduler(lambda epoch, rho: -1.0)
-    with pytest.raises(ValueError, match="rho=-1.0"):
-        model.fit(x, y, epochs=1, verbose=0, callbacks=[bad])
-    for b, v in zip(before, model.weights):
-        np.testing.assert_array_equal(b, v.numpy())
-
-
 # -- bad input -----------------------------------------------------------
 
 
@@ -345,3 +325,102 @@ def test_no_trainable_weights_raises_clear_error():
     x, y = _data()
     with pytest.raises(ValueError, match="no trainable weights"):
         model.fit(x, y, verbose=0)
+
+
+# -- construction edges, rho, summary ------------------------------------
+
+
+def test_rho_reads_back_the_value_that_was_set():
+    model = ASAMModel(_mlp(), rho=0.6)
+    assert model.rho == 0.6 and repr(model.rho) == "0.6"
+    model.rho = 0.3
+    assert model.get_config()["rho"] == 0.3
+
+
+
+def test_count_params_equals_the_wrapped_model():
+    inner = _mlp()
+    assert ASAMModel(inner).count_params() == inner.count_params()
+
+
+
+def _summary_totals(model):
+    lines = []
+    model.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    totals = {line.split(":")[0].strip(): line.split(":")[1].strip()
+              for line in text.splitlines() if "params:" in line}
+    return totals, text
+
+
+
+@pytest.mark.parametrize("looksam", [False, True], ids=["asam", "looksam"])
+def test_summary_totals_equal_the_wrapped_model(looksam):
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(5),
+        keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    variant = dict(looksam_alpha=0.5, asam_every=2) if looksam else {}
+    model = ASAMModel(inner, **variant)
+    want, _ = _summary_totals(inner)
+    got, text = _summary_totals(model)
+    assert set(want) == {"Total params", "Trainable params",
+                         "Non-trainable params"}, want
+    assert got == want, text
+    assert "rho" in text.splitlines()[-1], text
+    # ASAM's state stays in the weights, as checkpoints need it.
+    names = [v.name for v in model.weights]
+    assert "rho" in names and "train_steps" in names
+    assert len(model.non_trainable_weights) > len(inner.non_trainable_weights)
+
+
+
+def test_summary_totals_of_a_functional_asam_model():
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(2)(keras.layers.Dense(5)(inputs))
+    plain = keras.Model(inputs, outputs)
+    want, _ = _summary_totals(plain)
+    got, text = _summary_totals(ASAMModel(inputs, outputs))
+    assert got == want, text
+
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_zero_rho_equals_a_plain_model(jit):
+    x, y = _data(32)
+    model = ASAMModel(_mlp(), rho=0.0)
+    plain = _mlp()
+    optimizer = dict(learning_rate=LR, momentum=0.9)
+    model.compile(optimizer=keras.optimizers.SGD(**optimizer), loss="mse",
+                  jit_compile=jit)
+    plain.compile(optimizer=keras.optimizers.SGD(**optimizer), loss="mse",
+                  jit_compile=jit)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    _assert_close(_weights(model), _weights(plain))
+
+
+
+@pytest.mark.parametrize("second", [0.5, "sgd"])
+def test_positional_argument_after_a_model_raises_type_error(second):
+    with pytest.raises(TypeError, match=r"ASAMModel\(model, rho=0.5\)"):
+        ASAMModel(network(), second)
+    with pytest.raises(TypeError, match=r"SAMModel\(model, rho=0.5\)"):
+        SAMModel(network(), second)
+
+
+
+def test_functional_construction_still_works():
+    inputs = keras.Input((4,))
+    model = ASAMModel(inputs, keras.layers.Dense(2)(inputs), rho=0.3)
+    assert model.rho == 0.3 and len(model.trainable_variables) == 2
+
+
+
+def test_wrapping_an_asam_model_raises():
+    inner = SAMModel(network(), rho=0.1)
+    with pytest.raises(TypeError, match="already a `SAMModel`"):
+        ASAMModel(inner, rho=0.5)
+    # Its network can be wrapped.
+    assert ASAMModel(inner.wrapped_model, rho=0.5).rho == 0.5
+
