@@ -4,7 +4,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_asam
 from keras_asam import ASAMModel
@@ -51,7 +50,7 @@ def test_looksam_is_plain_before_the_first_perturbed_step():
     model = ASAMModel(_mlp(), looksam_alpha=1.0, asam_probability=0.5,
                       asam_seed=3)
     plain = _mlp()
-    iterations = tf.constant(list(range(6)), tf.int64)
+    iterations = [keras.ops.convert_to_tensor(i, "int64") for i in range(6)]
     draws = [bool(keras_asam.second_pass.perturb_this_step(
         i, probability=0.5, seed=3)) for i in iterations]
     first = draws.index(True)
