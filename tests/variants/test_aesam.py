@@ -7,6 +7,7 @@ import pytest
 
 import keras_asam
 from keras_asam.variants import AESAM
+from tests.variants import resume
 
 TOLERANCE = 1e-5
 STEPS, BATCH, LR, RHO = 8, 4, 0.1, 0.5
@@ -91,3 +92,21 @@ def test_logs_the_share_of_perturbed_steps():
 def test_bad_arguments_name_the_argument(arguments, match):
     with pytest.raises(ValueError, match=match):
         AESAM(**arguments)
+
+
+def _aesam():
+    return model_with(AESAM(total_steps=STEPS, delta=0.5, lambda1=-0.5,
+                            lambda2=0.5))
+
+
+def test_backup_and_restore_resumes_its_estimates_exactly(tmp_path):
+    x, y = data()
+    model = resume.backup_and_restore_resumes_exactly(
+        _aesam, x, y, tmp_path, batch_size=4 * BATCH)
+    assert model.train_steps == STEPS
+
+
+def test_save_load_and_continue(tmp_path):
+    x, y = data()
+    resume.save_load_and_continue(_aesam, x, y, tmp_path,
+                                  batch_size=2 * BATCH)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from keras_asam.variants import MESA
+from tests.variants import resume
 from tests.variants.distill_common import (
     BATCH,
     N,
@@ -65,3 +66,17 @@ def test_needs_logits():
     with pytest.raises(ValueError, match="needs logits"):
         model.fit(x, labels, batch_size=BATCH, epochs=1, verbose=0)
     assert_close(weights(model), before)
+
+
+def test_backup_and_restore_resumes_its_average_exactly(tmp_path):
+    x, labels = data()
+    resume.backup_and_restore_resumes_exactly(
+        lambda: classifier(MESA(lmbda=0.5, decay=0.9, start=2)), x, labels,
+        tmp_path, batch_size=BATCH)
+
+
+def test_save_load_and_continue(tmp_path):
+    x, labels = data()
+    resume.save_load_and_continue(
+        lambda: classifier(MESA(lmbda=0.5, decay=0.9, start=2)), x, labels,
+        tmp_path, batch_size=BATCH)

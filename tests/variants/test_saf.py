@@ -6,6 +6,7 @@ import pytest
 
 import keras_asam
 from keras_asam.variants import SAF
+from tests.variants import resume
 from tests.variants.distill_common import (
     BATCH,
     CLASSES,
@@ -96,3 +97,23 @@ def test_needs_indices_logits_and_the_right_class_count():
             model.fit(inputs, labels, batch_size=BATCH, epochs=1,
                       verbose=0)
         assert_close(weights(model), before)
+
+
+def test_backup_and_restore_resumes_its_record_exactly(tmp_path):
+    x, labels = data()
+    settings = dict(lmbda=0.7, temperature=2.0, lag=1, start=1)
+    model = resume.backup_and_restore_resumes_exactly(
+        lambda: classifier(SAF(num_examples=N, num_classes=CLASSES,
+                               **settings)),
+        keras_asam.indexed(x), labels, tmp_path, batch_size=BATCH)
+    # The term was on in the resumed epochs.
+    assert np.all(keras.ops.convert_to_numpy(
+        model.variant_state["visits"]) == 4)
+
+
+def test_save_load_and_continue(tmp_path):
+    x, labels = data()
+    resume.save_load_and_continue(
+        lambda: classifier(SAF(num_examples=N, num_classes=CLASSES, lag=1,
+                               start=1)),
+        keras_asam.indexed(x), labels, tmp_path, batch_size=BATCH)
