@@ -32,9 +32,17 @@ without momentum (the optimizer holds no slots):
                the plain step (`over base`), since it has no second pass
   fsam_skip, wsam_skip  fsam and wsam with non_finite_step="skip" (no
                clean-gradient fallback: what the fallback holds)
+  saf          ASAMModel(variant=SAF(...)): one pass, a KL term against each
+               example's recorded logits (a record of 1,024 examples x 4 x
+               10, 160 KiB); compared with the plain step
+  mesa         ASAMModel(variant=MESA()): one pass, a forward pass of the
+               weights' average (1 P of state) and its update; compared
+               with the plain step
+  aesam        ASAMModel(variant=AESAM(...)) with thresholds that take the
+               perturbed pass on every step (its dearer kind of step)
 
-(fsam, wsam and msam need `keras_asam.variants`; a version of the library
-without them reports them as skipped.)
+(the variants from fsam on need `keras_asam.variants`; a version of the
+library without them reports them as skipped.)
 
 each without and with `jit_compile=True`. Every measurement is one fresh
 process (this script runs itself with `--child`), in one of three modes:
@@ -111,17 +119,23 @@ from benchmarks import harness
 ROOT = harness.ROOT
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "sam_skip",
             "asam_skip", "gsam", "looksam", "gsam_skip", "looksam_skip",
-            "fsam", "wsam", "msam", "fsam_skip", "wsam_skip"]
+            "fsam", "wsam", "msam", "fsam_skip", "wsam_skip", "saf", "mesa",
+            "aesam"]
 MODES = ["tf", "rss", "rss_pool"]
 GSAM_ALPHA = 0.3
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.5, 5
 FSAM_SIGMA, FSAM_LMBDA = 1.0, 0.9
 WSAM_GAMMA = 0.9
 MSAM_RHO, MSAM_MOMENTUM = 3.0, 0.9
+SAF_EXAMPLES = 1024
+# AE-SAM's threshold mu + c sigma with c far below: every step takes the
+# perturbed pass.
+AESAM_ALWAYS = -1e6
 # The class in `keras_asam.variants` each of these variants needs.
 VARIANT_CLASSES = {"fsam": "FriendlySAM", "wsam": "WSAM",
                    "msam": "MomentumSAM", "fsam_skip": "FriendlySAM",
-                   "wsam_skip": "WSAM"}
+                   "wsam_skip": "WSAM", "saf": "SAF", "mesa": "MESA",
+                   "aesam": "AESAM"}
 DEFAULT_LAYERS = [256, 2048, 4096, 4096, 1024]
 QUICK_LAYERS = [64, 512, 1024, 1024, 256]
 # What each variant may hold over the floor, in P (10% slack): the saved
@@ -132,9 +146,11 @@ ALLOWED_OVER_FLOOR = {"sam": 1.1, "asam": 1.1, "asam_filter": 1.1,
                       "sam_skip": 1.1, "asam_skip": 1.1,
                       "gsam": 2.1, "looksam": 3.1, "gsam_skip": 2.1,
                       "looksam_skip": 3.1, "fsam": 2.1, "wsam": 2.1,
-                      "fsam_skip": 2.1, "wsam_skip": 2.1}
-# Variants with one pass per step: what they may hold over the base step.
-ALLOWED_OVER_BASE = {"msam": 2.1}
+                      "fsam_skip": 2.1, "wsam_skip": 2.1, "aesam": 1.1}
+# Variants with one pass per step: what they may hold over the base step
+# (Momentum-SAM v and the saved weights; SAF 0.1 P besides its record; MESA
+# its average and 0.2 P).
+ALLOWED_OVER_BASE = {"msam": 2.1, "saf": 0.1, "mesa": 1.2}
 QUANTITIES = ["state", "step", "kept", "first"]
 
 
@@ -246,15 +262,24 @@ def _builders(keras_asam, floor, variant_class):
         # what Momentum-SAM itself holds.
         "msam": lambda i: sam(i, rho=MSAM_RHO,
                               variant=variant_class(MSAM_MOMENTUM)),
+        "saf": lambda i: asam(i, variant=variant_class(
+            num_examples=SAF_EXAMPLES, num_classes=10)),
+        "mesa": lambda i: asam(i, variant=variant_class()),
+        "aesam": lambda i: asam(i, variant=variant_class(
+            10**9, lambda1=AESAM_ALWAYS, lambda2=AESAM_ALWAYS)),
     }
 
 
 def _data(keras, np, tf, config):
-    """One batch for the MLP of `config["layers"]`, repeated."""
+    """One batch for the MLP of `config["layers"]`, repeated; for SAF the
+    inputs carry each example's index."""
     keras.utils.set_random_seed(0)
     rs = np.random.RandomState(0)
     x = rs.rand(config["batch_size"], config["layers"][0]).astype("float32")
     y = rs.randint(0, 10, config["batch_size"])
+    if config["variant"] == "saf":
+        assert config["batch_size"] <= SAF_EXAMPLES, config["batch_size"]
+        x = {"inputs": x, "sample_index": np.arange(config["batch_size"])}
     return tf.data.Dataset.from_tensors((x, y)).cache().repeat()
 
 
@@ -437,7 +462,9 @@ LEGEND = (
     "theirs. allowed: over the floor, the saved weights (GSAM, WSAM "
     "also g, F-SAM also m, LookSAM also g and g_v), plus 10%; over "
     "base for Momentum-SAM (one pass): v and the saved weights, plus "
-    "10%.")
+    "10%; over base for SAF (one pass): 0.1 P besides its record, and for "
+    "MESA its average and 0.2 P; AE-SAM, taking the perturbed pass on "
+    "every step, as ASAM.")
 MODE_TITLES = {
     "tf": "TensorFlow's allocator counters (bytes of live tensors)",
     "rss": "resident set of the process (VmHWM, VmRSS), system allocator",

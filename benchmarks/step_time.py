@@ -27,9 +27,19 @@ one compiled training step of:
                ASAM)
   msam         SAMModel(rho=3, variant=MomentumSAM(0.9)) (Momentum-SAM: one
                pass per step, the paper's rho and SAM mode)
+  saf          ASAMModel(variant=SAF(...)) (one pass and a KL term against
+               each example's recorded logits; the inputs carry
+               `sample_index`)
+  mesa         ASAMModel(variant=MESA()) (one pass, a forward pass of the
+               weights' average, and the average's update)
+  aesam_perturbed  ASAMModel(variant=AESAM(...)) with thresholds that take
+               the perturbed pass on every step
+  aesam_plain  the same with thresholds that skip it on every step after
+               the first (AE-SAM's two kinds of step; how many steps take
+               the pass is the budget benchmark's "passes per step")
 
-(the last three are from `keras_asam.variants`; against a version of the
-library without them they are n/a)
+(the variants from fsam on are from `keras_asam.variants`; against a
+version of the library without them they are n/a)
 
 for a CNN with BatchNorm on CIFAR-shaped data (32x32x3, batch 128) and an MLP,
 each at two widths, with and without `jit_compile`. A callback brackets each
@@ -107,21 +117,28 @@ except ImportError:  # A TensorFlow-only version of the library.
 VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "asam_every2",
             "asam_every5", "asam_norm", "gsam", "looksam5", "asam_split2",
             "asam_split8", "asam_split_b", "asam_skip", "fsam", "wsam",
-            "msam"]
+            "msam", "saf", "mesa", "aesam_perturbed", "aesam_plain"]
 # The default variants of `--backends`.
 BACKEND_VARIANTS = ["base", "floor", "sam", "asam"]
 # The columns of the three step-time tables.
 TIME_TABLES = [VARIANTS[:7], ["base", "floor", "asam", *VARIANTS[7:14]],
-               ["base", "floor", "sam", "asam", *VARIANTS[14:]]]
+               ["base", "floor", "sam", "asam", *VARIANTS[14:17]],
+               ["base", "floor", "asam", *VARIANTS[17:]]]
 SPLITS = {"asam_split2": 2, "asam_split8": 8, "asam_split_b": None}
 GSAM_ALPHA = 0.3
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.7, 5
 FSAM_SIGMA, FSAM_LMBDA = 1.0, 0.9
 WSAM_GAMMA = 0.9
 MSAM_RHO, MSAM_MOMENTUM = 3.0, 0.9
+# AE-SAM's threshold mu + c sigma with c fixed: far below (every step takes
+# the perturbed pass) or far above (none after the first).
+AESAM_ALWAYS, AESAM_NEVER = -1e6, 1e6
 # The class in `keras_asam.variants` each of these variants needs.
 VARIANT_CLASSES = {"fsam": "FriendlySAM", "wsam": "WSAM",
-                   "msam": "MomentumSAM"}
+                   "msam": "MomentumSAM", "saf": "SAF", "mesa": "MESA",
+                   "aesam_perturbed": "AESAM", "aesam_plain": "AESAM"}
+# Variants whose inputs carry each example's index (`keras_asam.indexed`).
+INDEXED = {"saf"}
 # Ratios as (name, numerator, denominator); two tables.
 RATIO_TABLES = [
     [("floor/base", "floor", "base"),
@@ -148,6 +165,12 @@ RATIO_TABLES = [
      ("wsam/asam", "wsam", "asam"),
      ("msam/base", "msam", "base"),
      ("msam/sam", "msam", "sam")],
+    # Targets (CNN, with and without XLA): saf/base <= 1.05,
+    # mesa/base <= 1.45, aesam_perturbed/asam and aesam_plain/base <= 1.03.
+    [("saf/base", "saf", "base"),
+     ("mesa/base", "mesa", "base"),
+     ("aesam_perturbed/asam", "aesam_perturbed", "asam"),
+     ("aesam_plain/base", "aesam_plain", "base")],
 ]
 
 
@@ -347,6 +370,16 @@ def build(variant, architecture, width, jit, batch_size=128, lib=None):
             lib, "wsam")(WSAM_GAMMA)),
         "msam": lambda: lib.SAMModel(inner, rho=MSAM_RHO, variant=(
             variant_class(lib, "msam")(MSAM_MOMENTUM))),
+        "saf": lambda: lib.ASAMModel(inner, variant=variant_class(
+            lib, "saf")(num_examples=batch_size, num_classes=10)),
+        "mesa": lambda: lib.ASAMModel(inner, variant=variant_class(
+            lib, "mesa")()),
+        "aesam_perturbed": lambda: lib.ASAMModel(inner, variant=(
+            variant_class(lib, "aesam_perturbed")(
+                10**9, lambda1=AESAM_ALWAYS, lambda2=AESAM_ALWAYS))),
+        "aesam_plain": lambda: lib.ASAMModel(inner, variant=(
+            variant_class(lib, "aesam_plain")(
+                10**9, lambda1=AESAM_NEVER, lambda2=AESAM_NEVER))),
     }[variant]()
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
@@ -379,10 +412,14 @@ class StepTimer(keras.callbacks.Callback):
         self.cpu_times.append(time.process_time() - self.cpu_start)
 
 
-def dataset(batch_size):
+def dataset(batch_size, indexed=False):
+    """One batch of CIFAR-shaped data, repeated; `indexed`: the inputs carry
+    each example's index (`{"inputs": x, "sample_index": i}`)."""
     rs = np.random.RandomState(0)
     x = rs.rand(batch_size, 32, 32, 3).astype("float32")
     y = rs.randint(0, 10, batch_size)
+    if indexed:
+        x = {"inputs": x, "sample_index": np.arange(batch_size)}
     return tf.data.Dataset.from_tensors((x, y)).cache().repeat()
 
 
@@ -393,11 +430,13 @@ def steps_of(variant, args):
 def time_interleaved(models, data, rounds, steps, alternate=()):
     """Per-round mean step times (wall and CPU seconds) of `models` (key ->
     compiled model), run in turn in every round after one warm-up fit each.
+    `data`: a dataset, or a function of the key that gives its dataset.
     `steps(key)`: steps per round. `alternate`: groups of keys (e.g. the
     same variant from two versions of the library) whose order is reversed
     in every other round, so that neither always runs first."""
+    data_of = data if callable(data) else lambda key: data
     for key, model in models.items():  # Trace and warm up.
-        model.fit(data, steps_per_epoch=steps(key), epochs=1, verbose=0,
+        model.fit(data_of(key), steps_per_epoch=steps(key), epochs=1, verbose=0,
                   shuffle=False)
     per_round = {key: [] for key in models}
     per_round_cpu = {key: [] for key in models}
@@ -414,7 +453,7 @@ def time_interleaved(models, data, rounds, steps, alternate=()):
             done.update(group)
         for key in order:
             timer = StepTimer()
-            models[key].fit(data, steps_per_epoch=steps(key), epochs=1,
+            models[key].fit(data_of(key), steps_per_epoch=steps(key), epochs=1,
                             verbose=0, shuffle=False, callbacks=[timer])
             per_round[key].append(float(np.mean(timer.times)))
             per_round_cpu[key].append(float(np.mean(timer.cpu_times)))
@@ -424,7 +463,8 @@ def time_interleaved(models, data, rounds, steps, alternate=()):
 def measure(setting, args):
     """Median (over rounds) of the mean step time of every variant that
     applies, in wall and in CPU seconds; `None` for the others."""
-    data = dataset(args.batch_size)
+    data = {indexed: dataset(args.batch_size, indexed=indexed)
+            for indexed in (False, True)}
     skipped = {v: skip_reason(v, *setting) for v in args.variants}
     skipped = {v: reason for v, reason in skipped.items() if reason}
     models = {}
@@ -436,7 +476,8 @@ def measure(setting, args):
         except NotImplementedError as error:  # An option of this backend.
             skipped[v] = str(error).split(";")[0]
     per_round, per_round_cpu = time_interleaved(
-        models, data, args.rounds, lambda v: steps_of(v, args))
+        models, lambda v: data[v in INDEXED], args.rounds,
+        lambda v: steps_of(v, args))
 
     def medians(rounds):
         return {v: float(np.median(rounds[v])) if v in rounds else None
