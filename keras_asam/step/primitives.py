@@ -93,14 +93,12 @@ class Primitives:
         """The model's output on `x` in inference mode, without gradient,
         at `weights` (a list aligned with the trainable variables, `None`
         entries for the weight itself); no state changes."""
-        changed = [(v, w) for v, w in zip(self.trainable_variables, weights)
-                   if w is not None]
-        saved = self._saved([v for v, _ in changed])
-        for v, w in changed:
-            self._write(v, ops.cast(w, v.dtype))
-        y_pred = self(x, training=False)
-        for (v, _), old in zip(changed, saved):
-            self._write(v, old)
+        # From values: no variable is written, nothing is saved.
+        trainable = [self._read(v) if w is None else ops.cast(w, v.dtype)
+                     for v, w in zip(self.trainable_variables, weights)]
+        non_trainable = [self._read(v) for v in self.non_trainable_variables]
+        y_pred, _ = self.stateless_call(trainable, non_trainable, x,
+                                        training=False)
         return keras.tree.map_structure(ops.stop_gradient, y_pred)
 
     def _all_reduce_sum(self, tensors):

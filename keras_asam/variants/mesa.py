@@ -72,10 +72,11 @@ class MESA(Variant):
         return False, {}
 
     def teacher(self, state, ctx):
-        # Before the first update there is no average: the weights.
-        first = ops.equal(ctx.step, 0)
-        return [ops.where(first, ops.cast(w, "float32"), v)
-                for v, w in zip(state["average"], ctx.weights)]
+        # Before the first update there is no average: the weights. A
+        # conditional passes either on as it is (a select would copy it).
+        weights = [ops.cast(w, "float32") for w in ctx.weights]
+        return ops.cond(ops.equal(ctx.step, 0), lambda: weights,
+                        lambda: list(state["average"]))
 
     def loss_term(self, y_pred, y, sample_weight, state, ctx):
         distillation.check_shape(self, y_pred.shape)
@@ -85,12 +86,18 @@ class MESA(Variant):
         return self.lmbda * on * ops.mean(kl)
 
     def after_update(self, state, ctx):
-        first = ops.equal(ctx.step, 0)
-        return {"average": [
-            ops.where(first, ops.cast(w, "float32"),
-                      self.decay * v + (1 - self.decay)
-                      * ops.cast(w, "float32"))
-            for v, w in zip(state["average"], ctx.weights)]}
+        weights = [ops.cast(w, "float32") for w in ctx.weights]
+
+        def averaged():
+            # decay v + (1 - decay) w, written with one temporary the size
+            # of a weight: (w - v) is scaled and added where it lies.
+            return [v + (1 - self.decay) * (w - v)
+                    for v, w in zip(state["average"], weights)]
+
+        # The average only where there is one to update (no select of a
+        # full-size temporary).
+        return {"average": ops.cond(ops.equal(ctx.step, 0), lambda: weights,
+                                    averaged)}
 
     def get_config(self):
         return {"lmbda": self.lmbda, "temperature": self.temperature,
