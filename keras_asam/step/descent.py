@@ -38,7 +38,8 @@ class Descent:
     def _descent(self, gradients, adversarial, ctx):
         """What the optimizer applies: the variant's `descent` on steps with
         the perturbed pass, its `off_step` on the others (both, selected,
-        when `ctx.second_pass` is a tensor); writes the state they return.
+        when `ctx.second_pass` is a tensor and the variant overrides
+        either); writes the state they return.
         """
         variant = self._active_variant
         run = ctx.second_pass
@@ -58,7 +59,12 @@ class Descent:
         def off_step():
             return self._run_hook("off_step", gradients, state, ctx)
 
-        if run is True:
+        if run is True or (run is not False
+                           and not overrides(variant, "descent")
+                           and not overrides(variant, "off_step")):
+            # With the default hooks the direction is g_adv, which is
+            # already g on a step the graph leaves without the perturbed
+            # pass: no select, and g need not live through that pass.
             direction, updates = descent()
         elif run is False:
             direction, updates = off_step()
