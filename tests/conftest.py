@@ -10,13 +10,22 @@ import pytest  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `tensorflow` (tf.function, tf.distribute, SavedModel,
-    TensorFlow's graph) are skipped on the other backends."""
+    TensorFlow's graph) are skipped on the other backends, and so are
+    those marked `fixed_backend`: their processes pick their own backends,
+    so they run once, from the TensorFlow suite."""
     if keras.backend.backend() == "tensorflow":
         return
-    skip = pytest.mark.skip(reason="needs the TensorFlow backend")
+    skips = {
+        "tensorflow": pytest.mark.skip(reason="needs the TensorFlow backend"),
+        "fixed_backend": pytest.mark.skip(
+            reason="processes on backends of their own: run from the "
+                   "TensorFlow suite"),
+    }
     for item in items:
-        if "tensorflow" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
+                break
 
 
 @pytest.fixture(scope="session")

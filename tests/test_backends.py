@@ -28,6 +28,9 @@ import keras_asam
 from keras_asam import second_pass as schedule
 from tests import reference
 
+# Processes on backends of their own: run from the TensorFlow suite only.
+pytestmark = pytest.mark.fixed_backend
+
 SHARPNESS_CASES = {
     "asam": dict(rho=0.5),
     "sam": dict(rho=0.05, adaptive=False),

@@ -21,6 +21,9 @@ import pytest
 
 from tests import pinned_runs
 
+# Processes on backends of their own: run from the TensorFlow suite only.
+pytestmark = pytest.mark.fixed_backend
+
 RECORDED = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                         "fixtures")
 # Relative to a case's largest weight (atol = t * scale, rtol = t).

@@ -150,6 +150,7 @@ def test_quickstart_other_noise_level_writes_its_own_files(tmp_path):
     assert "test_accuracy" in out
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 def test_quickstart_runs_on_jax_without_tensorflow(tmp_path):
     pytest.importorskip("jax")
@@ -290,6 +291,7 @@ def test_label_noise_corrupts_the_stated_fraction_nested_across_levels():
     np.testing.assert_array_equal(clean, y)
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 def test_sharded_example():
     # A (2, 4) mesh of virtual CPU devices against one device: the same
@@ -307,6 +309,7 @@ def test_sharded_example():
     assert "262,144 of 1,048,576" in kernel, out
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 def test_sharded_example_refuses_a_mesh_that_does_not_cover_the_devices():
     # Before any training: an argparse error (exit 2) naming both counts.
@@ -319,6 +322,7 @@ def test_sharded_example_refuses_a_mesh_that_does_not_cover_the_devices():
     assert "one device" not in done.stdout
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 def test_multiworker_launcher():
     out = _run("multiworker.py", "--workers", "2", timeout=300)
@@ -422,6 +426,7 @@ def test_cifar_recipe_on_synthetic_data(tmp_path):
     assert output.stat().st_size > 0
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 def test_scripts_take_help():
     for script in SCRIPTS:

@@ -12,6 +12,9 @@ import tensorflow as tf
 
 from keras_asam import ASAMModel
 
+# Processes on backends of their own: run from the TensorFlow suite only.
+pytestmark = pytest.mark.fixed_backend
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 

@@ -1,11 +1,12 @@
 """The suite, run natively under JAX (and PyTorch under the `torch`
-marker) from the TensorFlow suite: one pytest process per backend, on the
-fast path (`-m "not slow"`; the slow tests start their own processes per
-backend where they need one). Tests marked `tensorflow` are skipped there.
+marker) from the TensorFlow suite: one pytest process per backend. JAX runs
+in full; PyTorch on the fast path (`-m "not slow"`). Tests marked
+`tensorflow`, and those marked `fixed_backend` (their processes pick their
+own backends, so the TensorFlow suite runs them once), are skipped there.
 
 Run one backend's suite directly with, for example,
 
-    KERAS_BACKEND=jax pytest -m "not slow"
+    KERAS_BACKEND=jax pytest
 """
 
 import os
@@ -22,10 +23,10 @@ pytestmark = pytest.mark.skipif(
     reason="started from the TensorFlow suite")
 
 
-def run_on(backend):
+def run_on(backend, markers):
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-m", "not slow and not torch", "tests"],
+         "-m", markers, "tests"],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
         env=dict(os.environ, KERAS_BACKEND=backend,
                  TF_CPP_MIN_LOG_LEVEL="3"))
@@ -35,10 +36,10 @@ def run_on(backend):
 
 @pytest.mark.slow
 def test_suite_on_jax():
-    run_on("jax")
+    run_on("jax", "not torch")
 
 
 @pytest.mark.torch
 def test_suite_on_torch():
     pytest.importorskip("torch")
-    run_on("torch")
+    run_on("torch", "not slow and not torch")

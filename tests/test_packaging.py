@@ -55,6 +55,7 @@ def _setuptools_builds_license_files():
     return major >= 77
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 @pytest.mark.skipif(not _setuptools_builds_license_files(),
                     reason="needs setuptools >= 77 in this environment")

@@ -16,6 +16,9 @@ import pytest
 
 from tests import pinned_cases, pinned_runs
 
+# Processes on backends of their own: run from the TensorFlow suite only.
+pytestmark = pytest.mark.fixed_backend
+
 GRAPH_TOLERANCE = 1e-6
 
 

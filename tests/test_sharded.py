@@ -21,6 +21,9 @@ import sys
 import numpy as np
 import pytest
 
+# Processes on backends of their own: run from the TensorFlow suite only.
+pytestmark = pytest.mark.fixed_backend
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "sharded_script.py")
 TIMEOUT = 300

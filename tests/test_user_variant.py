@@ -82,6 +82,7 @@ def run(tmp_path, backend, *flags):
     return dict(np.load(out))
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 def test_readme_variant_under_mirrored_strategy(tmp_path):
     # sync_perturbation: two replicas take the single-device step; every
@@ -92,6 +93,7 @@ def test_readme_variant_under_mirrored_strategy(tmp_path):
     assert flags and all(bool(result[k]) for k in flags)
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 def test_readme_variant_on_jax(tmp_path):
     check(run(tmp_path, "jax"))

@@ -21,14 +21,6 @@ from tests import family_reference, family_script
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
 
-# The subprocess runs check another backend than the suite's own; started
-# from the TensorFlow suite only (the JAX and PyTorch suites run these
-# modules natively).
-from_tensorflow_suite = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="another backend's run, started from the TensorFlow suite")
-
-
 def cases(prefix):
     """The names of `family_script.CASES` that start with `prefix`."""
     return sorted(c for c in family_script.CASES if c.startswith(prefix))

@@ -333,6 +333,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute")
 def test_decision_and_per_example_state_under_mirrored_strategy():

@@ -24,14 +24,14 @@ def test_matches_numpy(case, jit_compile):
 
 
 @pytest.mark.slow
-@family.from_tensorflow_suite
+@pytest.mark.fixed_backend
 @pytest.mark.parametrize("case", CASES)
 def test_matches_numpy_on_jax(family_jax_results, case):
     family.check(family_jax_results, case)
 
 
 @pytest.mark.torch
-@family.from_tensorflow_suite
+@pytest.mark.fixed_backend
 @pytest.mark.parametrize("case", CASES)
 def test_matches_numpy_on_torch(family_torch_results, case):
     family.check(family_torch_results, case)

@@ -166,6 +166,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 def test_replicas_draw_the_same_noise_under_mirrored_strategy():
     result = scripts.run_tensorflow_script(_MIRRORED)
@@ -175,6 +176,7 @@ def test_replicas_draw_the_same_noise_under_mirrored_strategy():
     assert result["seed_state"] == [SEED, 4 * STEPS]
 
 
+@pytest.mark.fixed_backend
 @pytest.mark.slow
 def test_noise_is_new_at_every_step_under_jax_jit():
     done = subprocess.run(

@@ -11,6 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+# Processes on backends of their own: run from the TensorFlow suite only.
+pytestmark = pytest.mark.fixed_backend
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "saf_distributed_script.py")
 TOLERANCE = 1e-6
