@@ -46,6 +46,19 @@ def test_changelog_has_the_version_and_unreleased_changes():
     assert version in headings, (version, headings)
 
 
+def test_long_description_has_no_relative_links():
+    # PyPI shows the long description away from the repository: a link to
+    # a file of it would break there.
+    readme = _pyproject()["project"]["readme"]
+    with open(os.path.join(ROOT, readme)) as f:
+        text = f.read()
+    targets = re.findall(r"\]\(([^)]*)\)", text)
+    targets += re.findall(r"""(?:href|src)=["']([^"']*)""", text)
+    assert targets, "no links found: the pattern is broken"
+    relative = [t for t in targets if not t.startswith("https://")]
+    assert not relative, relative
+
+
 def _setuptools_builds_license_files():
     try:
         import setuptools
