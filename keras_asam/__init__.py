@@ -17,7 +17,7 @@ from keras_asam.model import ASAMModel, SAMModel
 from keras_asam.sample_index import indexed
 from keras_asam.sharpness import sharpness
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ASAMModel",
