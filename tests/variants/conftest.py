@@ -8,6 +8,13 @@ import pytest
 from tests.variants import family
 
 
+def pytest_generate_tests(metafunc):
+    """`family_case`: each case of a `family.FamilyChecks` subclass."""
+    if "family_case" in metafunc.fixturenames:
+        metafunc.parametrize("family_case",
+                             family.cases(metafunc.cls.prefix))
+
+
 @pytest.fixture(scope="session")
 def family_jax_results(tmp_path_factory):
     return family.run_script(tmp_path_factory.mktemp("family_jax"), "jax")

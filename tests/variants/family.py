@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests import family_reference, family_script
+from tests.variants import resume
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
@@ -127,48 +128,23 @@ def perturb_limits_the_ascent_to_the_kernels(case):
                                    atol=TOLERANCE)
 
 
+def _compiled(case):
+    model = family_script.build(case)
+    model.compile(optimizer=keras.optimizers.SGD(family_script.LR,
+                                                 momentum=0.9), loss="mse")
+    return model
+
+
 def save_load_and_continue(case, tmp_path):
-    model = family_script.train(family_script.build(case), steps=2)
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)  # Registered: no custom_objects.
-    assert type(loaded.variant) is type(model.variant)
-    assert loaded.variant.get_config() == model.variant.get_config()
     x, y, _ = family_script.data()
-    for m in (model, loaded):
-        m.fit(x[32:], y[32:], batch_size=16, shuffle=False, verbose=0)
-    for a, b in zip(model.weights, loaded.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-
-
-class _Interrupt(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 1:
-            raise RuntimeError("interrupted")
+    resume.save_load_and_continue(lambda: _compiled(case), x, y, tmp_path,
+                                  batch_size=16)
 
 
 def backup_and_restore_resumes_exactly(case, tmp_path):
     x, y, _ = family_script.data()
-
-    def fit(model, callbacks):
-        model.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0,
-                  callbacks=callbacks)
-
-    def compiled():
-        model = family_script.build(case)
-        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                      loss="mse")
-        return model
-
-    whole = compiled()
-    fit(whole, [])
-    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
-    with pytest.raises(RuntimeError, match="interrupted"):
-        fit(compiled(), [backup, _Interrupt()])
-    again = compiled()
-    fit(again, [backup])
-    for a, b in zip(whole.weights, again.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    resume.backup_and_restore_resumes_exactly(lambda: _compiled(case), x, y,
+                                              tmp_path, batch_size=16)
 
 
 def steps_picked_in_the_graph_match_steps_picked_on_the_host(case):
@@ -187,3 +163,46 @@ def steps_picked_in_the_graph_match_steps_picked_on_the_host(case):
         runs.append([v.numpy() for v in model.weights])
     for a, b in zip(*runs):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+class FamilyChecks:
+    """The checks each of Friendly-SAM, WSAM and Momentum-SAM passes. A
+    test module subclasses it as `Test...` and sets `prefix` (its cases in
+    `family_script.CASES`, with which `tests/variants/conftest.py`
+    parametrizes `family_case`), `main` (the case of the single-case
+    checks) and `mixed` (the case of the mixed-precision check)."""
+
+    prefix = main = mixed = None
+
+    @pytest.mark.parametrize("jit_compile", [False, True])
+    def test_matches_numpy(self, family_case, jit_compile):
+        out, _ = run_here(family_case, jit_compile=jit_compile)
+        check(out, family_case)
+
+    @pytest.mark.slow
+    @pytest.mark.fixed_backend
+    def test_matches_numpy_on_jax(self, family_jax_results, family_case):
+        check(family_jax_results, family_case)
+
+    @pytest.mark.torch
+    @pytest.mark.fixed_backend
+    def test_matches_numpy_on_torch(self, family_torch_results, family_case):
+        check(family_torch_results, family_case)
+
+    @pytest.mark.slow
+    @pytest.mark.tensorflow
+    def test_mirrored_replicas_agree_and_synced_equals_one_device(
+            self, family_mirrored_results, family_case):
+        check_mirrored(family_mirrored_results, family_case)
+
+    def test_mixed_precision_follows_float32(self, mixed_float16):
+        mixed_precision_follows_float32(self.mixed)
+
+    def test_perturb_limits_the_ascent_to_the_kernels(self):
+        perturb_limits_the_ascent_to_the_kernels(self.main)
+
+    def test_save_load_and_continue(self, tmp_path):
+        save_load_and_continue(self.main, tmp_path)
+
+    def test_backup_and_restore_resumes_exactly(self, tmp_path):
+        backup_and_restore_resumes_exactly(self.main, tmp_path)

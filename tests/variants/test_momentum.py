@@ -14,52 +14,9 @@ from keras_asam import variants
 from tests import family_script
 from tests.variants import family
 
-CASES = family.cases("msam")
 
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_matches_numpy(case, jit_compile):
-    out, _ = family.run_here(case, jit_compile=jit_compile)
-    family.check(out, case)
-
-
-@pytest.mark.slow
-@pytest.mark.fixed_backend
-@pytest.mark.parametrize("case", CASES)
-def test_matches_numpy_on_jax(family_jax_results, case):
-    family.check(family_jax_results, case)
-
-
-@pytest.mark.torch
-@pytest.mark.fixed_backend
-@pytest.mark.parametrize("case", CASES)
-def test_matches_numpy_on_torch(family_torch_results, case):
-    family.check(family_torch_results, case)
-
-
-@pytest.mark.slow
-@pytest.mark.tensorflow
-@pytest.mark.parametrize("case", CASES)
-def test_mirrored_replicas_agree_and_synced_equals_one_device(
-        family_mirrored_results, case):
-    family.check_mirrored(family_mirrored_results, case)
-
-
-def test_mixed_precision_follows_float32(mixed_float16):
-    family.mixed_precision_follows_float32("msam_sam")
-
-
-def test_perturb_limits_the_ascent_to_the_kernels():
-    family.perturb_limits_the_ascent_to_the_kernels("msam_asam")
-
-
-def test_save_load_and_continue(tmp_path):
-    family.save_load_and_continue("msam_asam", tmp_path)
-
-
-def test_backup_and_restore_resumes_exactly(tmp_path):
-    family.backup_and_restore_resumes_exactly("msam_asam", tmp_path)
+class TestMomentumSAM(family.FamilyChecks):
+    prefix, main, mixed = "msam", "msam_asam", "msam_sam"
 
 
 @pytest.mark.parametrize("make, text", [
