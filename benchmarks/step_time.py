@@ -120,10 +120,17 @@ VARIANTS = ["base", "floor", "sam", "asam", "asam_filter", "asam_every2",
             "msam", "saf", "mesa", "aesam_perturbed", "aesam_plain"]
 # The default variants of `--backends`.
 BACKEND_VARIANTS = ["base", "floor", "sam", "asam"]
-# The columns of the three step-time tables.
-TIME_TABLES = [VARIANTS[:7], ["base", "floor", "asam", *VARIANTS[7:14]],
-               ["base", "floor", "sam", "asam", *VARIANTS[14:17]],
-               ["base", "floor", "asam", *VARIANTS[17:]]]
+# The columns of the step-time tables (a new variant joins one of them).
+TIME_TABLES = [
+    ["base", "floor", "sam", "asam", "asam_filter", "asam_every2",
+     "asam_every5"],
+    ["base", "floor", "asam", "asam_norm", "gsam", "looksam5", "asam_split2",
+     "asam_split8", "asam_split_b", "asam_skip"],
+    ["base", "floor", "sam", "asam", "fsam", "wsam", "msam"],
+    ["base", "floor", "asam", "saf", "mesa", "aesam_perturbed",
+     "aesam_plain"],
+]
+assert set(sum(TIME_TABLES, [])) == set(VARIANTS), "a variant in no table"
 SPLITS = {"asam_split2": 2, "asam_split8": 8, "asam_split_b": None}
 GSAM_ALPHA = 0.3
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.7, 5
