@@ -141,7 +141,7 @@ class JaxTrainStep(SharedStep):
         trainable = [w if new is None else new.astype(w.dtype)
                      for w, new in zip(values.trainable, weights)]
         y_pred, _ = self.stateless_call(trainable, values.non_trainable, x,
-                                        training=False)
+                                        **self._inference_mode())
         return keras.tree.map_structure(jax.lax.stop_gradient, y_pred)
 
     def _cond(self, pred, true_fn, false_fn):

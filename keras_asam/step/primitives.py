@@ -98,8 +98,13 @@ class Primitives:
                      for v, w in zip(self.trainable_variables, weights)]
         non_trainable = [self._read(v) for v in self.non_trainable_variables]
         y_pred, _ = self.stateless_call(trainable, non_trainable, x,
-                                        training=False)
+                                        **self._inference_mode())
         return keras.tree.map_structure(ops.stop_gradient, y_pred)
+
+    def _inference_mode(self):
+        """`training=False` for `call`, where its signature takes it (a
+        direct `call`, as `stateless_call` makes, does not filter it)."""
+        return {"training": False} if self._call_has_training_arg else {}
 
     def _all_reduce_sum(self, tensors):
         return list(tensors)

@@ -4,10 +4,13 @@ import keras
 import numpy as np
 import pytest
 
+import keras_asam
 from keras_asam.variants import MESA
 from tests.variants import resume
 from tests.variants.distill_common import (
     BATCH,
+    CLASSES,
+    LR,
     N,
     assert_close,
     classifier,
@@ -80,3 +83,33 @@ def test_save_load_and_continue(tmp_path):
     resume.save_load_and_continue(
         lambda: classifier(MESA(lmbda=0.5, decay=0.9, start=2)), x, labels,
         tmp_path, batch_size=BATCH)
+
+
+class NoTrainingArgument(keras_asam.ASAMModel):
+    """A subclassed model whose `call` takes no `training` argument."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(CLASSES)
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+def test_teacher_of_a_model_whose_call_takes_no_training_argument():
+    # The teacher's forward pass calls `call` directly (from values): it
+    # must not pass `training` where the signature has none. The same
+    # steps as the functional model of the same weights.
+    x, labels = data()
+    functional = classifier(MESA(lmbda=0.5, decay=0.9))
+    subclassed = NoTrainingArgument(variant=MESA(lmbda=0.5, decay=0.9))
+    subclassed(x[:1])
+    subclassed.dense.set_weights(
+        [keras.ops.convert_to_numpy(v) for v in functional.trainable_variables])
+    subclassed.compile(
+        optimizer=keras.optimizers.SGD(LR),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for model in (functional, subclassed):
+        model.fit(x, labels, batch_size=BATCH, epochs=2, shuffle=False,
+                  verbose=0)
+    assert_close(weights(subclassed), weights(functional))
