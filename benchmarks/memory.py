@@ -278,7 +278,6 @@ def _data(keras, np, tf, config):
     x = rs.rand(config["batch_size"], config["layers"][0]).astype("float32")
     y = rs.randint(0, 10, config["batch_size"])
     if config["variant"] == "saf":
-        assert config["batch_size"] <= SAF_EXAMPLES, config["batch_size"]
         x = {"inputs": x, "sample_index": np.arange(config["batch_size"])}
     return tf.data.Dataset.from_tensors((x, y)).cache().repeat()
 
@@ -614,6 +613,10 @@ def parse_args(argv=None):
     if args.library:
         args.library = os.path.abspath(args.library)
     args.variants = [v for v in VARIANTS if v in args.variants]
+    if "saf" in args.variants and args.batch_size > SAF_EXAMPLES:
+        parser.error(f"--batch-size must be at most {SAF_EXAMPLES} (SAF's "
+                     f"record) with the saf variant. Received: "
+                     f"{args.batch_size}")
     return args
 
 

@@ -136,14 +136,6 @@ class JaxTrainStep(SharedStep):
     def _saved(self, variables):
         return [self._read(v) for v in variables]
 
-    def _forward(self, x, weights):
-        values = self._values
-        trainable = [w if new is None else new.astype(w.dtype)
-                     for w, new in zip(values.trainable, weights)]
-        y_pred, _ = self.stateless_call(trainable, values.non_trainable, x,
-                                        **self._inference_mode())
-        return keras.tree.map_structure(jax.lax.stop_gradient, y_pred)
-
     def _cond(self, pred, true_fn, false_fn):
         """`lax.cond`, the step's values carried through the branches."""
         values = self._values

@@ -41,7 +41,7 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
             logs = self._step(data, choice)
         except Exception:
             for variable, value in zip(variables, saved):
-                variable.assign(value)
+                self._write(variable, value)
             raise
         self._eager_kinds_checked.add(choice)
         return logs
