@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from keras_asam.step import SharedStep, add_weighted
+from keras_asam.variants.in_place import InPlace
 
 _STATE_KEYS = ("trainable_variables", "non_trainable_variables",
                "optimizer_variables", "metrics_variables")
@@ -233,6 +234,8 @@ class JaxTrainStep(SharedStep):
         values.optimizer = list(optimizer_variables)
 
     def _add_to_weights(self, deltas):
+        if isinstance(deltas, InPlace):
+            return self._write_in_place(self.trainable_variables, deltas)
         trainable = self._values.trainable
         for i, delta in enumerate(deltas):
             if delta is not None:

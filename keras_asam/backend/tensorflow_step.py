@@ -56,6 +56,30 @@ class TensorFlowTrainStep(SharedStep):
                 variables,
             )
 
+    def _write_in_place(self, variables, update):
+        # Without XLA: one weight after the other (each write waits for the
+        # previous one, so one weight's temporaries are alive at a time),
+        # in one conditional on `when` instead of a select per entry.
+        if not self._branches_are_free():
+            return super()._write_in_place(variables, update)
+        entries = [(v, x, y) for v, (x, y) in zip(variables, update.pairs())
+                   if x is not None]
+
+        def write_in_order():
+            written = []
+            for variable, x, y in entries:
+                with tf.control_dependencies(written):
+                    value = update.updated(variable.value, x, y)
+                    written = [variable.value.assign(
+                        tf.cast(value, variable.dtype), read_value=False)]
+            with tf.control_dependencies(written):
+                return tf.constant(True)
+
+        if update.when is None:
+            write_in_order()
+        else:
+            tf.cond(update.when, write_in_order, lambda: tf.constant(False))
+
     # -- decisions made once per step, before the passes -----------------
 
     def _runs_perturbed_pass(self, rho, choice):

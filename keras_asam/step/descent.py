@@ -8,6 +8,7 @@ from keras_asam.variants.base import (
     overrides,
     reads_clean_gradient,
 )
+from keras_asam.variants.in_place import InPlace
 
 
 class Descent:
@@ -152,7 +153,9 @@ class Descent:
 
 def _select_state(run, on, off, current):
     """A state entry selected by `run` (a list per weight, or one tensor
-    for a variant's `extra_state`)."""
+    for a variant's `extra_state`; an `InPlace` stands for its list)."""
+    on, off = (value.new_values(current) if isinstance(value, InPlace)
+               else value for value in (on, off))
     if not isinstance(current, list):
         return _select(run, on, off, current)
     return [_select(run, on[i], off[i], v) for i, v in enumerate(current)]

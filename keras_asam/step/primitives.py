@@ -6,6 +6,8 @@ import contextlib
 import keras
 from keras import ops
 
+from keras_asam.variants.in_place import InPlace
+
 
 class Primitives:
     """The primitives of the step (a mixin); a backend's mixin
@@ -73,8 +75,20 @@ class Primitives:
         boolean scalar, `None` for always) is false."""
         raise NotImplementedError
 
+    def _write_in_place(self, variables, update):
+        """Writes an `InPlace` update into `variables` (aligned with its
+        values). Defaults to the list of new values it stands for, written
+        one by one."""
+        current = [self._read(v) for v in variables]
+        for variable, value in zip(variables, update.new_values(current)):
+            if value is not None:
+                self._write(variable, ops.cast(value, variable.dtype))
+
     def _add_to_weights(self, deltas):
-        """w <- w + deltas (`None` entries: unchanged)."""
+        """w <- w + deltas (`None` entries: unchanged), or an `InPlace`
+        update of the weights."""
+        if isinstance(deltas, InPlace):
+            return self._write_in_place(self.trainable_variables, deltas)
         for v, delta in zip(self.trainable_variables, deltas):
             if delta is not None:
                 v.assign_add(ops.cast(delta, v.dtype))

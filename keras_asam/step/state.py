@@ -9,6 +9,7 @@ from keras_asam import sample_index
 from keras_asam.variants.base import (
     Variant,
 )
+from keras_asam.variants.in_place import InPlace
 
 PLAIN = Variant()  # ASAM/SAM: ascend along g, descend along g_adv.
 
@@ -110,6 +111,9 @@ class OwnState:
     def _write_state(self, updates):
         state = self._variant_state()
         for name, values in updates.items():
+            if isinstance(values, InPlace):
+                self._write_in_place(state[name], values)
+                continue
             if not isinstance(state[name], list):
                 values, variables = [values], [state[name]]
             else:

@@ -5,6 +5,8 @@ name the hook, what it returned and the fix."""
 
 import keras
 
+from keras_asam.variants.in_place import InPlace
+
 _LIST = (list, tuple)
 
 
@@ -85,10 +87,12 @@ def directions(variant, hook, values, count):
 
 
 def corrections(variant, values, count):
-    """`after_apply`'s result, checked: `None`, or a list of `count`
-    entries."""
+    """`after_apply`'s result, checked: `None`, a list of `count`
+    entries, or an `InPlace` update of the weights."""
     if values is None:
         return None
+    if isinstance(values, InPlace):
+        return in_place(variant, "after_apply", "the weights", values, count)
     return _check_list(variant, "after_apply", values, count,
                        "`None` or a correction")
 
@@ -140,6 +144,8 @@ def new_state(variant, hook, updates, count):
                     f"{_describe(values)}"
                 )
             checked[key] = values
+        elif isinstance(values, InPlace):
+            checked[key] = in_place(variant, hook, key, values, count)
         elif not isinstance(values, _LIST) or len(values) != count:
             raise ValueError(
                 f"{name}.{hook} must give each state name a list of {count} "
@@ -150,6 +156,43 @@ def new_state(variant, hook, updates, count):
         else:
             checked[key] = list(values)
     return checked
+
+
+def in_place(variant, hook, key, update, count):
+    """An `InPlace` update a hook returned for `key`, checked."""
+    name = type(variant).__name__
+    if not isinstance(update.values, _LIST) or len(update.values) != count:
+        raise ValueError(
+            f"{name}.{hook} must give InPlace for {key!r} a list of {count} "
+            "values, one per trainable variable (`None` keeps one as it "
+            f"is). Received: InPlace values {_describe(update.values)}"
+        )
+    if update.minus is not None and (
+            not isinstance(update.minus, _LIST)
+            or len(update.minus) != count):
+        raise ValueError(
+            f"{name}.{hook} must give InPlace for {key!r} `minus` as a list "
+            f"of {count} values, aligned with its values. Received: minus "
+            f"{_describe(update.minus)}"
+        )
+    for factor in ("decay", "scale", "when", "reset"):
+        value = getattr(update, factor)
+        if value is not None and hasattr(value, "shape") and len(
+                value.shape) != 0:
+            raise ValueError(
+                f"{name}.{hook} must give InPlace for {key!r} a scalar "
+                f"`{factor}`. Received: {factor} of shape "
+                f"{tuple(value.shape)}"
+            )
+    if update.decay is None or update.scale is None:
+        raise ValueError(
+            f"{name}.{hook} gave InPlace for {key!r} `None` as a factor: "
+            "give `decay` and `scale` numbers or scalar tensors. "
+            f"Received: {update!r}"
+        )
+    return InPlace(list(update.values), update.decay, update.scale,
+                   update.when, update.reset,
+                   None if update.minus is None else list(update.minus))
 
 
 def decision(variant, result, count):
