@@ -4,7 +4,8 @@ import keras
 from keras import ops
 
 from keras_asam import validation
-from keras_asam.variants.base import Variant, dot
+from keras_asam.variants.base import Variant
+from keras_asam.variants.in_place import InPlace, all_finite
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -73,19 +74,14 @@ class FriendlySAM(Variant):
         ]
 
     def _followed(self, gradients, state, ctx):
-        """m after this step's g (unscaled); as it was where g is not
-        finite."""
-        first = ops.equal(ctx.step, 0)
-        finite = ops.isfinite(dot(gradients, gradients))
-        updated = []
-        for g, m in zip(gradients, state["momentum"]):
-            if g is None:
-                updated.append(None)
-                continue
-            g = ops.cast(g, "float32") / ctx.loss_scale
-            new = ops.where(first, g, self.lmbda * m + (1 - self.lmbda) * g)
-            updated.append(ops.where(finite, new, m))
-        return {"momentum": updated}
+        """m after this step's g (unscaled), written in place: g on the
+        first step, lmbda * m + (1 - lmbda) * g after it; as it was where
+        g is not finite."""
+        return {"momentum": InPlace(
+            [None if g is None else ops.cast(g, "float32") / ctx.loss_scale
+             for g in gradients],
+            decay=self.lmbda, scale=1 - self.lmbda,
+            when=all_finite(gradients), reset=ops.equal(ctx.step, 0))}
 
     def descent(self, gradients, adversarial, state, ctx):
         return adversarial, self._followed(gradients, state, ctx)

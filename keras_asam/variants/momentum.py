@@ -6,7 +6,8 @@ import keras
 from keras import ops
 
 from keras_asam import validation
-from keras_asam.variants.base import Variant, dot
+from keras_asam.variants.base import Variant
+from keras_asam.variants.in_place import InPlace, all_finite
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -106,14 +107,12 @@ class MomentumSAM(Variant):
         return state["velocity"]
 
     def _followed(self, gradients, state, ctx):
-        finite = ops.isfinite(dot(gradients, gradients))
-        return {"velocity": [
-            None if g is None else ops.where(
-                finite,
-                self.momentum * v + ops.cast(g, "float32") / ctx.loss_scale,
-                v)
-            for g, v in zip(gradients, state["velocity"])
-        ]}
+        """v <- momentum * v + g (unscaled), written in place; as it was
+        where g is not finite."""
+        return {"velocity": InPlace(
+            [None if g is None else ops.cast(g, "float32") / ctx.loss_scale
+             for g in gradients],
+            decay=self.momentum, when=all_finite(gradients))}
 
     def descent(self, gradients, adversarial, state, ctx):
         return adversarial, self._followed(adversarial, state, ctx)

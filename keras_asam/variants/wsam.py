@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_asam import validation
 from keras_asam.variants.base import Variant
+from keras_asam.variants.in_place import InPlace
 
 
 @keras.saving.register_keras_serializable(package="keras_asam")
@@ -92,14 +93,13 @@ class WSAM(Variant):
     def after_apply(self, gradients, adversarial, state, ctx):
         if not self.decouple:
             return None
-        factor = ops.where(
-            ctx.update_applied,
-            -ctx.learning_rate * self.alpha / ctx.loss_scale, 0.0)
-        return [
-            None if ga is None or g is None
-            else factor * (ops.cast(ga, "float32") - ops.cast(g, "float32"))
-            for g, ga in zip(gradients, adversarial)
-        ]
+        # Only where the update was applied: a skipped update's gradients
+        # may not be finite (a loss scale's overflow).
+        return InPlace(
+            [None if g is None else ga
+             for g, ga in zip(gradients, adversarial)],
+            scale=-ctx.learning_rate * self.alpha / ctx.loss_scale,
+            when=ctx.update_applied, minus=gradients)
 
     def get_config(self):
         return {"gamma": self.gamma, "decouple": self.decouple}
