@@ -543,6 +543,7 @@ def _check_variant(variant, checked):
     if checked.num_batch_splits > 1 and (
         not variant.clean_pass
         or variant_base.overrides(variant, "ascent")
+        or variant_base.overrides(variant, "after_gradient")
     ):
         raise ValueError(
             f"{type(variant).__name__} changes the ascent direction and "

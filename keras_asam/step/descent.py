@@ -47,7 +47,10 @@ class Descent:
         replicas = self._num_replicas()
         synced = replicas > 1 and variant.synced(self.options)
         if synced:
-            if gradients is not None:
+            # g only where a hook reads it (not on a step with the
+            # perturbed pass whose hooks leave it).
+            if gradients is not None and (
+                    run is not True or reads_clean_gradient(variant)):
                 gradients = self._all_reduce_sum(gradients)
             if run is not False:
                 adversarial = self._all_reduce_sum(adversarial)

@@ -86,6 +86,7 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
             self._after_pass(y_pred, ctx)
             run, ctx = self._decided(run, gradients, loss, ctx)
             ascent = None if run is False else self._ascent(gradients, ctx)
+            self._after_gradient(gradients, ctx)
             with self._loss_term_for(ctx):
                 adversarial, adversarial_loss = self._perturbed_pass(
                     batch, gradients, loss, ascent, rho, run)

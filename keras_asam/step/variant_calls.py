@@ -77,6 +77,17 @@ class VariantCalls:
             self._write_state(self._run_hook(
                 "after_pass", y_pred, self._state_values(), ctx))
 
+    def _after_gradient(self, gradients, ctx):
+        """Writes the state the variant's `after_gradient` returns from g
+        (all-reduced under `synced`), after the ascent read the state."""
+        variant = self._active_variant
+        if not overrides(variant, "after_gradient"):
+            return
+        if self._num_replicas() > 1 and variant.synced(self.options):
+            gradients = self._all_reduce_sum(gradients)
+        self._write_state(self._run_hook(
+            "after_gradient", gradients, self._state_values(), ctx))
+
     def _decided(self, run, gradients, loss, ctx):
         """`(run, ctx)` with the variant's `decide` taken into account (and
         the state it returns written)."""

@@ -7,6 +7,7 @@ The step, written once for every backend (`keras_asam/step/`), is
     a     = ascent(g, state)                   the direction eps is built
                                                from (`pre_pass(state)`
                                                without a clean pass)
+    state <- after_gradient(g, state)          every step with a clean pass
     eps   = rho * T_w^2 a / ||T_w a||_2        `keras_asam.perturbation`
     g_adv = grad L(w + eps)                    perturbed pass
     d     = descent(g, g_adv, state)           steps with the perturbed pass
@@ -303,6 +304,17 @@ class Variant:
             replicas, as Keras does with losses), or `None`.
         """
         return None
+
+    def after_gradient(self, gradients, state, ctx):
+        """New state from the clean gradient g, on every step with a clean
+        pass (with the perturbed pass or without), after the ascent read
+        the state and before the perturbed pass. State that follows g here
+        rather than in `descent` lets the step drop g before the perturbed
+        pass: it then holds one buffer the size of the weights less. g is
+        all-reduced under `synced`, as in `descent`. Returns a dict of the
+        state to store (an `InPlace` for a name, or its list of new
+        values). Defaults to `{}`."""
+        return {}
 
     def after_pass(self, y_pred, state, ctx):
         """New state from the predictions of the step's first pass (the

@@ -240,7 +240,7 @@ def checked(variant, hook, result, count):
         return decision(variant, result, count)
     if hook == "loss_term":
         return loss_term(variant, result)
-    if hook in ("after_pass", "after_update"):
+    if hook in ("after_pass", "after_update", "after_gradient"):
         return new_state(variant, hook, result, count)
     if hook == "teacher" and result is None:
         return None

@@ -29,11 +29,12 @@ class FriendlySAM(Variant):
     strategy m is updated with the all-reduced g, so it is identical on
     every replica; with `sync_perturbation=False` each replica ascends along
     its own g (in the global gradient's units) minus sigma * m. "First
-    step" is `model.train_steps == 0`. m follows g on every step,
-    including the steps `asam_every` or `asam_probability` leave without
-    the perturbed pass (plain steps there), so it stays an average of
-    consecutive gradients; a step whose g is not finite leaves it as it
-    was. m is one float32 buffer per weight (`variant_state["momentum"]`).
+    step" is `model.train_steps == 0`. m follows g on every step
+    (`after_gradient`: before the perturbed pass, so the step need not
+    keep g through that pass), including the steps `asam_every` or
+    `asam_probability` leave without the perturbed pass (plain steps
+    there), so it stays an average of consecutive gradients; a step whose
+    g is not finite leaves it as it was. m is one float32 buffer per weight (`variant_state["momentum"]`).
 
     Args:
         sigma: Float >= 0. How much of m the ascent removes. Defaults to
@@ -73,21 +74,16 @@ class FriendlySAM(Variant):
             for g, m in zip(gradients, state["momentum"])
         ]
 
-    def _followed(self, gradients, state, ctx):
+    def after_gradient(self, gradients, state, ctx):
         """m after this step's g (unscaled), written in place: g on the
         first step, lmbda * m + (1 - lmbda) * g after it; as it was where
-        g is not finite."""
+        g is not finite. (Here rather than in `descent`, so that g need
+        not live through the perturbed pass.)"""
         return {"momentum": InPlace(
             [None if g is None else ops.cast(g, "float32") / ctx.loss_scale
              for g in gradients],
             decay=self.lmbda, scale=1 - self.lmbda,
             when=all_finite(gradients), reset=ops.equal(ctx.step, 0))}
-
-    def descent(self, gradients, adversarial, state, ctx):
-        return adversarial, self._followed(gradients, state, ctx)
-
-    def off_step(self, gradients, state, ctx):
-        return gradients, self._followed(gradients, state, ctx)
 
     def get_config(self):
         return {"sigma": self.sigma, "lmbda": self.lmbda}

@@ -7,7 +7,9 @@ checked against an independent computation (same machine: to 1e-6):
 - `teacher`: a forward pass at other weights, without gradient;
 - `extra_state` with `uses_sample_index`: a buffer per training example,
   written with scatter updates through `keras_asam.indexed`;
-- `after_update`: state updated from the weights after each update.
+- `after_update`: state updated from the weights after each update;
+- `after_gradient`: state updated from the clean gradient once per step,
+  with the perturbed pass or without.
 
 The module runs natively on the active backend (`tests/test_native.py`
 runs the suite under JAX, and PyTorch under the `torch` marker), and on
@@ -301,6 +303,49 @@ def test_state_after_each_update():
         np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
                                    expected, rtol=TOLERANCE,
                                    atol=TOLERANCE)
+
+
+@keras.saving.register_keras_serializable(package="keras_asam_tests")
+class GradientSum(Variant):
+    """Sums the clean gradients of every step in its state, in place."""
+
+    state_names = ("total",)
+
+    def after_gradient(self, gradients, state, ctx):
+        return {"total": keras_asam.variants.InPlace(gradients)}
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_state_from_the_clean_gradient_once_per_step(steps_per_execution):
+    # With asam_every=2 half of the steps take no perturbed pass; with
+    # steps_per_execution=2 the graph picks them (PyTorch: host only).
+    # lr = 0: every batch's gradient at the initial weights, in NumPy.
+    if steps_per_execution == 2 and BACKEND == "torch":
+        pytest.skip("PyTorch runs the step eagerly, one step per call")
+    x, y = data()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((FEATURES,))
+    network = keras.Model(inputs, keras.layers.Dense(OUTPUTS)(inputs))
+    model = keras_asam.ASAMModel(network, rho=0.5, asam_every=2,
+                                 variant=GradientSum())
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse",
+                  steps_per_execution=steps_per_execution)
+    kernel, bias = weights(model)
+    history = model.fit(x, y, batch_size=3, epochs=1, shuffle=False,
+                        verbose=0)
+    assert len(history.history["loss"]) == 1
+    expected_kernel, expected_bias = 0.0, 0.0
+    for start in range(0, N, 3):
+        xb, yb = x[start:start + 3], y[start:start + 3]
+        d = 2 * (xb @ kernel + bias - yb) / yb.size
+        expected_kernel = expected_kernel + xb.T @ d
+        expected_bias = expected_bias + d.sum(0)
+    total = [keras.ops.convert_to_numpy(v)
+             for v in model.variant_state["total"]]
+    np.testing.assert_allclose(total[0], expected_kernel, rtol=TOLERANCE,
+                               atol=TOLERANCE)
+    np.testing.assert_allclose(total[1], expected_bias, rtol=TOLERANCE,
+                               atol=TOLERANCE)
 
 
 _MIRRORED = """
