@@ -34,7 +34,8 @@ class FriendlySAM(Variant):
     keep g through that pass), including the steps `asam_every` or
     `asam_probability` leave without the perturbed pass (plain steps
     there), so it stays an average of consecutive gradients; a step whose
-    g is not finite leaves it as it was. m is one float32 buffer per weight (`variant_state["momentum"]`).
+    g is not finite leaves it as it was. m is one float32 buffer per
+    weight (`variant_state["momentum"]`).
 
     Args:
         sigma: Float >= 0. How much of m the ascent removes. Defaults to
