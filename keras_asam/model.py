@@ -546,9 +546,10 @@ def _check_variant(variant, checked):
         or variant_base.overrides(variant, "after_gradient")
     ):
         raise ValueError(
-            f"{type(variant).__name__} changes the ascent direction and "
-            "cannot run with `num_batch_splits` > 1 (each part ascends "
-            "along its own gradient). Received: "
+            f"{type(variant).__name__} changes the ascent direction or "
+            "follows the clean gradient (`after_gradient`) and cannot run "
+            "with `num_batch_splits` > 1 (each part ascends along its own "
+            "gradient). Received: "
             f"variant={variant!r}, num_batch_splits="
             f"{checked.num_batch_splits}"
         )

@@ -348,6 +348,15 @@ def test_state_from_the_clean_gradient_once_per_step(steps_per_execution):
                                atol=TOLERANCE)
 
 
+def test_state_from_the_clean_gradient_refuses_split_batches():
+    # Each part of a split batch has its own gradient: no one g to follow.
+    with pytest.raises(ValueError, match=r"after_gradient.*num_batch_splits=2"):
+        keras_asam.ASAMModel(
+            keras.Sequential([keras.Input((FEATURES,)),
+                              keras.layers.Dense(OUTPUTS)]),
+            rho=0.5, num_batch_splits=2, variant=GradientSum())
+
+
 _MIRRORED = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
