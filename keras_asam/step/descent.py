@@ -45,7 +45,7 @@ class Descent:
         variant = self._active_variant
         run = ctx.second_pass
         replicas = self._num_replicas()
-        synced = replicas > 1 and variant.synced(self.options)
+        synced = self._variant_synced()
         if synced:
             # g only where a hook reads it (not on a step with the
             # perturbed pass whose hooks leave it).

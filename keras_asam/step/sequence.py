@@ -85,8 +85,10 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
             ctx = ctx or self._context(rho, run, index)
             self._after_pass(y_pred, ctx)
             run, ctx = self._decided(run, gradients, loss, ctx)
-            ascent = None if run is False else self._ascent(gradients, ctx)
-            self._after_gradient(gradients, ctx)
+            synced = self._synced_before_pass(gradients, run)
+            ascent = (None if run is False
+                      else self._ascent(gradients, synced, ctx))
+            self._after_gradient(gradients, synced, ctx)
             with self._loss_term_for(ctx):
                 adversarial, adversarial_loss = self._perturbed_pass(
                     batch, gradients, loss, ascent, rho, run)
@@ -101,7 +103,7 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
         eps from the variant's state; its loss, metrics and BatchNorm
         updates are the step's. Returns `(y_pred, loss, g_adv)`."""
         sign = self._active_variant.pre_pass_sign
-        eps = self._eps(self._ascent(None, ctx), self._weights(),
+        eps = self._eps(self._ascent(None, None, ctx), self._weights(),
                         rho if sign == 1 else -rho)
         return self._pass(batch, eps)
 

@@ -77,14 +77,32 @@ class VariantCalls:
             self._write_state(self._run_hook(
                 "after_pass", y_pred, self._state_values(), ctx))
 
-    def _after_gradient(self, gradients, ctx):
+    def _synced_before_pass(self, gradients, run):
+        """g all-reduced, once, where a hook before the perturbed pass
+        reads it so: the ascent with `sync_perturbation`, the
+        `after_gradient` of a `synced` variant. `None` where neither
+        does."""
+        variant = self._active_variant
+        ascent = run is not False and self.options.sync_perturbation
+        follows = (overrides(variant, "after_gradient")
+                   and self._variant_synced())
+        return self._all_reduce_sum(gradients) if ascent or follows else None
+
+    def _variant_synced(self):
+        """Whether the variant's hooks get all-reduced gradients: a
+        `synced` variant, over several replicas."""
+        return (self._num_replicas() > 1
+                and self._active_variant.synced(self.options))
+
+    def _after_gradient(self, gradients, synced, ctx):
         """Writes the state the variant's `after_gradient` returns from g
-        (all-reduced under `synced`), after the ascent read the state."""
+        (`synced`, the all-reduced g, under a `synced` variant), after the
+        ascent read the state."""
         variant = self._active_variant
         if not overrides(variant, "after_gradient"):
             return
-        if self._num_replicas() > 1 and variant.synced(self.options):
-            gradients = self._all_reduce_sum(gradients)
+        if self._variant_synced():
+            gradients = synced
         self._write_state(self._run_hook(
             "after_gradient", gradients, self._state_values(), ctx))
 
@@ -112,15 +130,15 @@ class VariantCalls:
         """Which of `variables` the ascent moves (`perturb=`)."""
         return selection.selected(self.options.perturb, self, variables)
 
-    def _ascent(self, gradients, ctx):
-        """The direction eps is built from: g (all-reduced with
-        `sync_perturbation`), as the variant changes it; its stored state
-        alone on a step without a clean pass."""
+    def _ascent(self, gradients, synced, ctx):
+        """The direction eps is built from: g (`synced`, the all-reduced g,
+        with `sync_perturbation`), as the variant changes it; its stored
+        state alone on a step without a clean pass."""
         variant = self._active_variant
         if not variant.clean_pass:
             return self._run_hook("pre_pass", self._state_values(), ctx)
         if self.options.sync_perturbation:
-            gradients = self._all_reduce_sum(gradients)
+            gradients = synced
         if overrides(variant, "ascent"):
             return self._run_hook("ascent", gradients, self._state_values(),
                                   ctx)
