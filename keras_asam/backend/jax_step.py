@@ -21,7 +21,6 @@ import keras
 import numpy as np
 
 from keras_asam.step import SharedStep, add_weighted
-from keras_asam.variants.in_place import InPlace
 
 _STATE_KEYS = ("trainable_variables", "non_trainable_variables",
                "optimizer_variables", "metrics_variables")
@@ -233,13 +232,9 @@ class JaxTrainStep(SharedStep):
         values.trainable = list(trainable)
         values.optimizer = list(optimizer_variables)
 
-    def _add_to_weights(self, deltas):
-        if isinstance(deltas, InPlace):
-            return self._write_in_place(self.trainable_variables, deltas)
-        trainable = self._values.trainable
-        for i, delta in enumerate(deltas):
-            if delta is not None:
-                trainable[i] = trainable[i] + delta.astype(trainable[i].dtype)
+    def _add_in_place(self, variable, delta):
+        value = self._read(variable)
+        self._write(variable, value + delta.astype(value.dtype))
 
     def _logs(self, *args):
         """The shared logs, with the metric variables' values mapped."""

@@ -43,6 +43,11 @@ class TensorFlowTrainStep(SharedStep):
     def _unscale_loss(self, loss):
         return distribute.unscale_loss(loss)
 
+    def _read(self, variable):
+        # The value at this point of the step, not the variable (which an
+        # op would read where it is built, after later writes).
+        return tf.convert_to_tensor(variable.value)
+
     # -- the update ---------------------------------------------------------
 
     def _apply(self, descent, finite):
@@ -59,26 +64,39 @@ class TensorFlowTrainStep(SharedStep):
     def _write_in_place(self, variables, update):
         # Without XLA: one weight after the other (each write waits for the
         # previous one, so one weight's temporaries are alive at a time),
-        # in one conditional on `when` instead of a select per entry.
+        # in one conditional on `when` instead of a select per entry; a
+        # mark per weight once it is written.
         if not self._branches_are_free():
             return super()._write_in_place(variables, update)
-        entries = [(v, x, y) for v, (x, y) in zip(variables, update.pairs())
-                   if x is not None]
 
         def write_in_order():
-            written = []
-            for variable, x, y in entries:
+            written, marks = [], []
+            for variable, (x, y) in zip(variables, update.pairs()):
                 with tf.control_dependencies(written):
-                    value = update.updated(variable.value, x, y)
-                    written = [variable.value.assign(
-                        tf.cast(value, variable.dtype), read_value=False)]
-            with tf.control_dependencies(written):
-                return tf.constant(True)
+                    if x is not None:
+                        value = update.updated(variable.value, x, y)
+                        written = [variable.value.assign(
+                            tf.cast(value, variable.dtype), read_value=False)]
+                with tf.control_dependencies(written):
+                    marks.append(tf.constant(True))
+            return marks
 
         if update.when is None:
-            write_in_order()
-        else:
-            tf.cond(update.when, write_in_order, lambda: tf.constant(False))
+            return write_in_order()
+        return tf.cond(update.when, write_in_order,
+                       lambda: [tf.constant(False)] * len(variables))
+
+    def _marks_writes(self):
+        return self._branches_are_free()
+
+    def _released(self, values, marks, lag=1):
+        released = []
+        for i, value in enumerate(values):
+            waits = [] if i < lag else [m[i - lag] for m in marks
+                                        if m[i - lag] is not None]
+            with tf.control_dependencies(waits):
+                released.append(None if value is None else tf.identity(value))
+        return released
 
     # -- decisions made once per step, before the passes -----------------
 
@@ -93,17 +111,6 @@ class TensorFlowTrainStep(SharedStep):
         return not self.jit_compile
 
     # -- the passes -------------------------------------------------------
-
-    def _pass(self, part, eps=None, discard=()):
-        moved = [(v, e) for v, e in zip(self.trainable_variables,
-                                        eps or ()) if e is not None]
-        saved = self._saved([v for v, _ in moved] + list(discard))
-        for v, e in moved:
-            v.assign_add(tf.cast(e, v.dtype))
-        result = self._loss_and_gradients(*part)
-        for v, value in zip([v for v, _ in moved] + list(discard), saved):
-            v.assign(value)
-        return result
 
     def _loss_and_gradients(self, x, y, sample_weight):
         with tf.GradientTape() as tape:

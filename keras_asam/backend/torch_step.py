@@ -43,20 +43,10 @@ class TorchTrainStep(SharedStep):
     def _saved(self, variables):
         return [v.value.detach().clone() for v in variables]
 
-    def _pass(self, part, eps=None, discard=()):
-        moved = [(v, e) for v, e in zip(self.trainable_variables,
-                                        eps or ()) if e is not None]
-        saved = self._saved([v for v, _ in moved] + list(discard))
-        for v, e in moved:
-            v.value.add_(e.to(v.value.dtype))
-        try:
-            with torch.enable_grad():
-                return self._loss_and_gradients(*part)
-        finally:
-            for v, value in zip([v for v, _ in moved] + list(discard),
-                                saved):
-                v.assign(value)
+    def _add_in_place(self, variable, delta):
+        variable.value.add_(keras.ops.cast(delta, variable.dtype))
 
+    @torch.enable_grad()
     def _loss_and_gradients(self, x, y, sample_weight):
         if self._call_has_training_arg:
             y_pred = self(x, training=True)

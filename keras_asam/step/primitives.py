@@ -27,8 +27,32 @@ class Primitives:
             a `tf.distribute` strategy divided by the number of replicas, as
             Keras computes it) and its gradients as a `LossScaleOptimizer`
             scales it, aligned with `self.trainable_variables`.
+
+        Defaults to moving the variables: a saved copy of those it moves or
+        discards, w + eps assigned in place, `_loss_and_gradients`, then the
+        copy written back (never w - eps, so that mirrored replicas stay
+        bitwise identical).
         """
+        moved = [(v, e) for v, e in zip(self.trainable_variables, eps or ())
+                 if e is not None]
+        restored = [v for v, _ in moved] + list(discard)
+        saved = self._saved(restored)
+        for v, e in moved:
+            self._add_in_place(v, e)
+        try:
+            return self._loss_and_gradients(*part)
+        finally:
+            for v, value in zip(restored, saved):
+                v.assign(value)
+
+    def _loss_and_gradients(self, x, y, sample_weight):
+        """`(y_pred, loss, gradients)` of one pass at the variables' current
+        values (see `_pass`)."""
         raise NotImplementedError
+
+    def _add_in_place(self, variable, delta):
+        """variable <- variable + delta, in place."""
+        variable.assign_add(ops.cast(delta, variable.dtype))
 
     def _loop_over_parts(self, batch, body):
         """Calls `body(part, size)` for each of `num_batch_splits` parts of
@@ -78,11 +102,27 @@ class Primitives:
     def _write_in_place(self, variables, update):
         """Writes an `InPlace` update into `variables` (aligned with its
         values). Defaults to the list of new values it stands for, written
-        one by one."""
+        one by one.
+
+        Returns `None`, or one mark per variable that exists once that
+        variable is written (see `_released`)."""
         current = [self._read(v) for v in variables]
         for variable, value in zip(variables, update.new_values(current)):
             if value is not None:
                 self._write(variable, ops.cast(value, variable.dtype))
+
+    def _marks_writes(self):
+        """Whether `_write_in_place` returns marks; the state a step reads
+        before such writes keeps its values (reads are copies). Defaults to
+        `False`."""
+        return False
+
+    def _released(self, values, marks, lag=1):
+        """`values` (aligned with the trainable variables), each entry
+        computed on only once the entries `lag` places before it in
+        `marks` (lists from `_write_in_place`, or of tensors) exist.
+        Defaults to `values`."""
+        return values
 
     def _add_to_weights(self, deltas):
         """w <- w + deltas (`None` entries: unchanged), or an `InPlace`
@@ -91,7 +131,7 @@ class Primitives:
             return self._write_in_place(self.trainable_variables, deltas)
         for v, delta in zip(self.trainable_variables, deltas):
             if delta is not None:
-                v.assign_add(ops.cast(delta, v.dtype))
+                self._add_in_place(v, delta)
 
     def _read(self, variable):
         return variable.value

@@ -86,12 +86,11 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
             self._after_pass(y_pred, ctx)
             run, ctx = self._decided(run, gradients, loss, ctx)
             synced = self._synced_before_pass(gradients, run)
-            ascent = (None if run is False
-                      else self._ascent(gradients, synced, ctx))
-            self._after_gradient(gradients, synced, ctx)
+            ascent, weights = self._ascent_and_after_gradient(
+                gradients, synced, run, ctx)
             with self._loss_term_for(ctx):
                 adversarial, adversarial_loss = self._perturbed_pass(
-                    batch, gradients, loss, ascent, rho, run)
+                    batch, gradients, loss, ascent, rho, run, weights)
         ctx = ctx.replace(loss=loss, adversarial_loss=adversarial_loss)
         self._update(gradients, adversarial, ctx)
         self._count_step()
@@ -107,8 +106,10 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
                         rho if sign == 1 else -rho)
         return self._pass(batch, eps)
 
-    def _perturbed_pass(self, part, gradients, loss, ascent, rho, run):
-        """The perturbed pass on `part` at w + eps, eps along `ascent`.
+    def _perturbed_pass(self, part, gradients, loss, ascent, rho, run,
+                        weights=None):
+        """The perturbed pass on `part` at w + eps, eps along `ascent` at
+        `weights` (the weights' values if `None`).
 
         Returns `(g_adv, L(w + eps))`: g_adv is g where L(w + eps) is not
         finite (with `non_finite_step="clean_gradient"`); `(g, loss)` on
@@ -121,7 +122,7 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
             return gradients, loss
 
         def taken():
-            eps = self._eps(ascent, self._weights(), rho)
+            eps = self._eps(ascent, weights or self._weights(), rho)
             _, adversarial_loss, adversarial = self._pass(
                 part, eps, self._state_to_restore())
             finite = ops.isfinite(adversarial_loss)

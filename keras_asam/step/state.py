@@ -109,10 +109,16 @@ class OwnState:
                 for name, variables in self._variant_state().items()}
 
     def _write_state(self, updates):
+        """Writes the state a hook returned (name -> values, or an
+        `InPlace`). Returns the marks of its in-place writes (see
+        `_write_in_place`), one list per `InPlace` that has them."""
         state = self._variant_state()
+        marks = []
         for name, values in updates.items():
             if isinstance(values, InPlace):
-                self._write_in_place(state[name], values)
+                written = self._write_in_place(state[name], values)
+                if written is not None:
+                    marks.append(written)
                 continue
             if not isinstance(state[name], list):
                 values, variables = [values], [state[name]]
@@ -121,6 +127,7 @@ class OwnState:
             for variable, value in zip(variables, values):
                 if value is not None:
                     self._write(variable, ops.cast(value, "float32"))
+        return marks
 
     def _counter_dtype(self):
         """The dtype of the model's count of train steps."""

@@ -103,7 +103,7 @@ class VariantCalls:
             return
         if self._variant_synced():
             gradients = synced
-        self._write_state(self._run_hook(
+        return self._write_state(self._run_hook(
             "after_gradient", gradients, self._state_values(), ctx))
 
     def _decided(self, run, gradients, loss, ctx):
@@ -130,19 +130,56 @@ class VariantCalls:
         """Which of `variables` the ascent moves (`perturb=`)."""
         return selection.selected(self.options.perturb, self, variables)
 
-    def _ascent(self, gradients, synced, ctx):
+    def _ascent(self, gradients, synced, ctx, state=None):
         """The direction eps is built from: g (`synced`, the all-reduced g,
-        with `sync_perturbation`), as the variant changes it; its stored
-        state alone on a step without a clean pass."""
+        with `sync_perturbation`), as the variant changes it (reading
+        `state`, by default the state as it is now); its stored state
+        alone on a step without a clean pass."""
         variant = self._active_variant
         if not variant.clean_pass:
             return self._run_hook("pre_pass", self._state_values(), ctx)
         if self.options.sync_perturbation:
             gradients = synced
         if overrides(variant, "ascent"):
-            return self._run_hook("ascent", gradients, self._state_values(),
-                                  ctx)
+            if state is None:
+                state = self._state_values()
+            return self._run_hook("ascent", gradients, state, ctx)
         return gradients
+
+    def _ascent_and_after_gradient(self, gradients, synced, run, ctx):
+        """`(ascent, weights)`: the ascent's direction (`None` where `run`
+        is `False`), from the state as it was before `after_gradient`'s
+        update from g is written; `weights`, the values eps is to be built
+        at, or `None` for the weights as they are.
+
+        Where the backend marks its writes (TensorFlow without XLA) the
+        state is written first and the work is ordered weight by weight: a
+        weight's g reaches the ascent once the weight before it is written,
+        and its value reaches eps once its direction exists. g is then
+        released as the state is written, instead of living beside the
+        directions and eps's temporaries. (Same values; only the order of
+        the work differs.)
+        """
+        state = self._state_values()
+        if self._marks_writes():
+            marks = self._after_gradient(gradients, synced, ctx)
+            if run is False or not marks:
+                return (None if run is False else
+                        self._ascent(gradients, synced, ctx, state)), None
+            state = {name: (self._released(values, marks)
+                            if isinstance(values, list) else values)
+                     for name, values in state.items()}
+            ascent = self._ascent(
+                self._released(gradients, marks),
+                synced and self._released(synced, marks), ctx, state)
+            return ascent, self._released(self._weights(), [ascent], lag=0)
+        ascent = (None if run is False
+                  else self._ascent(gradients, synced, ctx, state))
+        if ascent is not None and overrides(self._active_variant,
+                                            "after_gradient"):
+            ascent = _unshared(ascent, state)
+        self._after_gradient(gradients, synced, ctx)
+        return ascent, None
 
     def _run_hook(self, hook, *args):
         """The variant's `hook` called with `args` (inside `_hook_scope`),
@@ -169,3 +206,12 @@ class VariantCalls:
             p=self.options.p,
             fused=bool(self.jit_compile),
         )
+
+
+def _unshared(directions, state):
+    """`directions` with a copy of each entry that is a state value itself,
+    which may share its storage with the variable (PyTorch) that a later
+    write changes."""
+    entries = {id(v) for values in state.values()
+               for v in (values if isinstance(values, list) else [values])}
+    return [ops.copy(d) if id(d) in entries else d for d in directions]

@@ -9,7 +9,7 @@ checked against an independent computation (same machine: to 1e-6):
   written with scatter updates through `keras_asam.indexed`;
 - `after_update`: state updated from the weights after each update;
 - `after_gradient`: state updated from the clean gradient once per step,
-  with the perturbed pass or without.
+  with the perturbed pass or without, after the ascent read it.
 
 The module runs natively on the active backend (`tests/test_native.py`
 runs the suite under JAX, and PyTorch under the `torch` marker), and on
@@ -346,6 +346,61 @@ def test_state_from_the_clean_gradient_once_per_step(steps_per_execution):
                                atol=TOLERANCE)
     np.testing.assert_allclose(total[1], expected_bias, rtol=TOLERANCE,
                                atol=TOLERANCE)
+
+
+class PreviousGradient(Variant):
+    """Ascends along the previous step's clean gradient (zero on the first
+    step), which `after_gradient` keeps in its state."""
+
+    state_names = ("last",)
+
+    def ascent(self, gradients, state, ctx):
+        return list(state["last"])
+
+    def after_gradient(self, gradients, state, ctx):
+        return {"last": keras_asam.variants.InPlace(gradients, decay=0.0)}
+
+
+@pytest.mark.parametrize("jit_compile", jit_modes())
+def test_ascent_reads_the_state_before_after_gradient_writes_it(
+        jit_compile):
+    # Without XLA TensorFlow writes the state first and orders the ascent
+    # after it weight by weight; the ascent must still read the previous
+    # step's g. lr = 0: every step at the initial weights, so SAM's
+    # sharpness L(w + eps) - L(w) of each batch is known in NumPy.
+    x, y = data()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((FEATURES,))
+    network = keras.Model(inputs, keras.layers.Dense(OUTPUTS)(inputs))
+    rho = 0.5
+    model = keras_asam.SAMModel(network, rho=rho, variant=PreviousGradient())
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse",
+                  jit_compile=bool(jit_compile))
+    kernel, bias = weights(model)
+    history = model.fit(x, y, batch_size=3, epochs=1, shuffle=False,
+                        verbose=0)
+
+    def loss(k, b, xb, yb):
+        return np.mean((xb @ k + b - yb) ** 2)
+
+    sharpness, last = [], (np.zeros_like(kernel), np.zeros_like(bias))
+    for start in range(0, N, 3):
+        xb, yb = x[start:start + 3], y[start:start + 3]
+        norm = np.sqrt(np.sum(last[0] ** 2) + np.sum(last[1] ** 2))
+        factor = rho / (norm + 1e-16) if norm > 0 else 0.0
+        sharpness.append(loss(kernel + factor * last[0],
+                              bias + factor * last[1], xb, yb)
+                         - loss(kernel, bias, xb, yb))
+        d = 2 * (xb @ kernel + bias - yb) / yb.size
+        last = (xb.T @ d, d.sum(0))
+    assert sharpness[0] == 0.0 and min(np.abs(sharpness[1:])) > 1e-3
+    np.testing.assert_allclose(history.history["sharpness"][0],
+                               np.mean(sharpness), rtol=1e-5, atol=1e-6)
+    # The state holds the last batch's g.
+    for got, expected in zip(model.variant_state["last"], last):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
+                                   expected, rtol=TOLERANCE,
+                                   atol=TOLERANCE)
 
 
 def test_state_from_the_clean_gradient_refuses_split_batches():
