@@ -21,12 +21,9 @@ class TensorFlowTrainStep(SharedStep):
     """`train_step` of `ASAMModel` for the TensorFlow backend (a mixin)."""
 
     def train_step(self, data, run_choice=None):
-        """One training step.
-
-        `run_choice` is the host's decision for this step (`True`: with the
-        perturbed pass, `False`: a plain step, see `make_train_function`);
-        `None` leaves it to the graph (the schedule's `tf.cond`).
-        """
+        """One training step; `run_choice` is the host's decision (`True`:
+        with the perturbed pass, `False`: a plain step, see
+        `make_train_function`), `None` leaves it to the graph."""
         return self._step(data, run_choice)
 
     # -- replicas -----------------------------------------------------------
@@ -44,8 +41,7 @@ class TensorFlowTrainStep(SharedStep):
         return distribute.unscale_loss(loss)
 
     def _read(self, variable):
-        # The value at this point of the step, not the variable (which an
-        # op would read where it is built, after later writes).
+        # The value now, not the variable (read where an op uses it).
         return tf.convert_to_tensor(variable.value)
 
     # -- the update ---------------------------------------------------------
@@ -62,23 +58,20 @@ class TensorFlowTrainStep(SharedStep):
             )
 
     def _write_in_place(self, variables, update):
-        # Without XLA: one weight after the other (each write waits for the
-        # previous one, so one weight's temporaries are alive at a time),
-        # in one conditional on `when` instead of a select per entry; a
-        # mark per weight once it is written.
+        # Without XLA: one weight after the other (one weight's temporaries
+        # alive at a time) in one `tf.cond` on `when`; a mark per weight.
         if not self._branches_are_free():
             return super()._write_in_place(variables, update)
 
         def write_in_order():
-            written, marks = [], []
+            marks = []
             for variable, (x, y) in zip(variables, update.pairs()):
-                with tf.control_dependencies(written):
-                    if x is not None:
-                        value = update.updated(variable.value, x, y)
-                        written = [variable.value.assign(
-                            tf.cast(value, variable.dtype), read_value=False)]
-                with tf.control_dependencies(written):
-                    marks.append(tf.constant(True))
+                with tf.control_dependencies(marks[-1:]):
+                    written = [] if x is None else [variable.value.assign(
+                        tf.cast(update.updated(variable.value, x, y),
+                                variable.dtype), read_value=False)]
+                    with tf.control_dependencies(written):
+                        marks.append(tf.constant(True))
             return marks
 
         if update.when is None:
@@ -92,9 +85,8 @@ class TensorFlowTrainStep(SharedStep):
     def _released(self, values, marks, lag=1):
         released = []
         for i, value in enumerate(values):
-            waits = [] if i < lag else [m[i - lag] for m in marks
-                                        if m[i - lag] is not None]
-            with tf.control_dependencies(waits):
+            with tf.control_dependencies([] if i < lag else [
+                    m[i - lag] for m in marks if m[i - lag] is not None]):
                 released.append(None if value is None else tf.identity(value))
         return released
 
@@ -186,10 +178,8 @@ class TensorFlowTrainStep(SharedStep):
 
     # -- XLA and the train function -------------------------------------------
 
-    # With `num_batch_splits` > 1 the parts of a batch have sizes XLA cannot
-    # know when it compiles the loop over them: `jit_compile="auto"`
-    # resolves to `False` and `jit_compile=True` raises. (On JAX the sizes
-    # are static when the step is traced, and it stays jitted.)
+    # With `num_batch_splits` > 1 the parts' sizes are not static, as XLA
+    # needs: "auto" resolves to False and True raises (JAX stays jitted).
 
     def _resolve_auto_jit_compile(self):
         if self.options.num_batch_splits > 1:

@@ -40,9 +40,6 @@ class TorchTrainStep(SharedStep):
     def _read(self, variable):
         return variable.value.detach()
 
-    def _saved(self, variables):
-        return [v.value.detach().clone() for v in variables]
-
     def _add_in_place(self, variable, delta):
         variable.value.add_(keras.ops.cast(delta, variable.dtype))
 
