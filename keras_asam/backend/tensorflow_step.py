@@ -40,10 +40,6 @@ class TensorFlowTrainStep(SharedStep):
     def _unscale_loss(self, loss):
         return distribute.unscale_loss(loss)
 
-    def _read(self, variable):
-        # The value now, not the variable (read where an op uses it).
-        return tf.convert_to_tensor(variable.value)
-
     # -- the update ---------------------------------------------------------
 
     def _apply(self, descent, finite):

@@ -162,6 +162,12 @@ class VariantCalls:
         """
         state = self._state_values()
         if self._marks_writes():
+            # The values as they are now (a variable is read where an op
+            # uses it), then written.
+            state = {name: (self._released(values, [], lag=0)
+                            if isinstance(values, list)
+                            else self._released([values], [], lag=0)[0])
+                     for name, values in state.items()}
             marks = self._after_gradient(gradients, synced, ctx)
             if run is False or not marks:
                 return (None if run is False else
