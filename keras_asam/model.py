@@ -383,14 +383,14 @@ class ASAMModel(*backend.train_step_bases(), keras.Model):
         (`rho`, the step count, the variant's state): without an optimizer,
         those of the wrapped model. A last line names that state. It stays
         in `weights` and `variables` (checkpoints hold it)."""
-        object.__setattr__(self, "_summary_without_own_state", True)
+        self._summary_without_own_state = True
         try:
             super().summary(line_length=line_length, positions=positions,
                             print_fn=print_fn, expand_nested=expand_nested,
                             show_trainable=show_trainable,
                             layer_range=layer_range)
         finally:
-            object.__setattr__(self, "_summary_without_own_state", False)
+            self._summary_without_own_state = False
         names = ["rho", "train_steps"]
         for name, state in self._variant_state().items():
             size = sum(math.prod(v.shape) for v in state)

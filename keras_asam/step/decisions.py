@@ -167,9 +167,9 @@ class Decisions:
     def _warn_about_batchnorm(self):
         """`num_batch_splits` with BatchNormalization: say what happens
         (once per model: the eager PyTorch step calls this every step)."""
-        if getattr(self, "_batchnorm_checked", False):
+        if self._batchnorm_checked:
             return
-        object.__setattr__(self, "_batchnorm_checked", True)
+        self._batchnorm_checked = True
         has_batchnorm = any(
             isinstance(layer, keras.layers.BatchNormalization)
             for layer in self._flatten_layers(include_self=False)

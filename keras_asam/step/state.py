@@ -33,6 +33,10 @@ class OwnState:
                            else None
         _eager_kinds_checked  the kinds of step (`choice`) an eager
                            backend has run once, guarded (`_eager_step`)
+        _batchnorm_checked whether `num_batch_splits`' note on
+                           BatchNormalization was given
+        _summary_without_own_state  whether `summary` is printing (its
+                           totals leave this state out)
 
     The options are `self.options` (`keras_asam.options.Options`) and the
     variant `self.variant`, both fixed when the model is made.
@@ -63,6 +67,8 @@ class OwnState:
             object.__setattr__(self, name, keras.metrics.Mean(name=label))
         self._pass_loss_term = None
         self._eager_kinds_checked = set()
+        self._batchnorm_checked = False
+        self._summary_without_own_state = False
 
 
     def _symbolic_build(self, iterator=None, data_batch=None):
