@@ -112,16 +112,19 @@ class Primitives:
                 self._write(variable, ops.cast(value, variable.dtype))
 
     def _marks_writes(self):
-        """Whether `_write_in_place` returns marks; the state a step reads
-        before such writes keeps its values (reads are copies). Defaults to
+        """Whether `_write_in_place` returns marks and `_released` orders
+        the work after them (TensorFlow's graph without XLA): the step then
+        writes `after_gradient`'s state before the ascent. Defaults to
         `False`."""
         return False
 
     def _released(self, values, marks, lag=1):
         """`values` (aligned with the trainable variables), each entry
         computed on only once the entries `lag` places before it in
-        `marks` (lists from `_write_in_place`, or of tensors) exist.
-        Defaults to `values`."""
+        `marks` (lists from `_write_in_place`, or of tensors) exist; with
+        no marks, the entries' values at this point of the step (a
+        variable is read here, not where an op uses it). Defaults to
+        `values`."""
         return values
 
     def _add_to_weights(self, deltas):
