@@ -154,11 +154,12 @@ class VariantCalls:
 
         Where the backend marks its writes (TensorFlow without XLA) the
         state is written first and the work is ordered weight by weight: a
-        weight's g reaches the ascent once the weight before it is written,
-        and its value reaches eps once its direction exists. g is then
-        released as the state is written, instead of living beside the
-        directions and eps's temporaries. (Same values; only the order of
-        the work differs.)
+        weight's g and state reach the ascent once its state is written
+        (so one weight's ascent runs beside the next weight's write, not
+        its own), and its value reaches eps once its direction exists. g
+        is then released as the state is written, instead of living beside
+        the directions and eps's temporaries. (Same values; only the order
+        of the work differs.)
         """
         state = self._state_values()
         if self._marks_writes():
@@ -172,12 +173,12 @@ class VariantCalls:
             if run is False or not marks:
                 return (None if run is False else
                         self._ascent(gradients, synced, ctx, state)), None
-            state = {name: (self._released(values, marks)
+            state = {name: (self._released(values, marks, lag=0)
                             if isinstance(values, list) else values)
                      for name, values in state.items()}
             ascent = self._ascent(
-                self._released(gradients, marks),
-                synced and self._released(synced, marks), ctx, state)
+                self._released(gradients, marks, lag=0),
+                synced and self._released(synced, marks, lag=0), ctx, state)
             return ascent, self._released(self._weights(), [ascent], lag=0)
         ascent = (None if run is False
                   else self._ascent(gradients, synced, ctx, state))
