@@ -102,8 +102,8 @@ class SharedStep(Primitives, OwnState, Decisions, VariantCalls, Descent,
         eps from the variant's state; its loss, metrics and BatchNorm
         updates are the step's. Returns `(y_pred, loss, g_adv)`."""
         sign = self._active_variant.pre_pass_sign
-        eps = self._eps(self._ascent(None, None, ctx), self._weights(),
-                        rho if sign == 1 else -rho)
+        eps = self._eps(self._ascent(None, None, ctx, self._state_values()),
+                        self._weights(), rho if sign == 1 else -rho)
         return self._pass(batch, eps)
 
     def _perturbed_pass(self, part, gradients, loss, ascent, rho, run,

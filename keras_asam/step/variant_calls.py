@@ -130,19 +130,16 @@ class VariantCalls:
         """Which of `variables` the ascent moves (`perturb=`)."""
         return selection.selected(self.options.perturb, self, variables)
 
-    def _ascent(self, gradients, synced, ctx, state=None):
+    def _ascent(self, gradients, synced, ctx, state):
         """The direction eps is built from: g (`synced`, the all-reduced g,
-        with `sync_perturbation`), as the variant changes it (reading
-        `state`, by default the state as it is now); its stored state
-        alone on a step without a clean pass."""
+        with `sync_perturbation`), as the variant changes it reading
+        `state`; the state alone on a step without a clean pass."""
         variant = self._active_variant
         if not variant.clean_pass:
-            return self._run_hook("pre_pass", self._state_values(), ctx)
+            return self._run_hook("pre_pass", state, ctx)
         if self.options.sync_perturbation:
             gradients = synced
         if overrides(variant, "ascent"):
-            if state is None:
-                state = self._state_values()
             return self._run_hook("ascent", gradients, state, ctx)
         return gradients
 

@@ -14,8 +14,9 @@ class InPlace:
 
     for each weight i (`x_i = None`: s_i unchanged). A hook that returns
     new state (`descent`, `off_step`, `decide`, `after_pass`,
-    `after_update`) may give an `InPlace` for a name of `state_names`
-    wherever it would give the list of new values. The values are the
+    `after_gradient`, `after_update`) may give an `InPlace` for a name of
+    `state_names` wherever it would give the list of new values, and
+    `after_apply` one for the weights. The values are the
     same as those of the list it stands for,
     `where(when, where(reset, x, decay * s + scale * x), s)`, computed with
     the same operations (a factor that is the Python number 1 is left
@@ -28,8 +29,11 @@ class InPlace:
     state at the end of a step. With `InPlace`, TensorFlow's graph without
     XLA writes one weight's update after the other, inside a single
     conditional on `when` (no select), so that the temporaries of one
-    weight at a time are alive. Under XLA, on JAX and on PyTorch the step
-    computes the list above; XLA fuses it into the writes.
+    weight at a time are alive; one from `after_gradient` it writes before
+    the ascent, handing each weight's g to the ascent as its state is
+    written (the ascent reads the state as it was). Under XLA, on JAX and
+    on PyTorch the step computes the list above; XLA fuses it into the
+    writes.
 
     Args:
         values: List aligned with the trainable variables: the x_i, `None`
