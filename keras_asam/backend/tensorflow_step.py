@@ -86,6 +86,9 @@ class TensorFlowTrainStep(SharedStep):
                 released.append(None if value is None else tf.identity(value))
         return released
 
+    def _after(self, tensors):
+        return tf.control_dependencies(tensors)
+
     # -- decisions made once per step, before the passes -----------------
 
     def _runs_perturbed_pass(self, rho, choice):

@@ -112,10 +112,11 @@ class Primitives:
                 self._write(variable, ops.cast(value, variable.dtype))
 
     def _marks_writes(self):
-        """Whether `_write_in_place` returns marks and `_released` orders
-        the work after them (TensorFlow's graph without XLA): the step then
-        writes `after_gradient`'s state before the ascent. Defaults to
-        `False`."""
+        """Whether `_write_in_place` returns marks and `_released` and
+        `_after` order the work after them (TensorFlow's graph without
+        XLA): the step then writes `after_gradient`'s state before the
+        ascent, and the hooks' dot products make one product at a time.
+        Defaults to `False`."""
         return False
 
     def _released(self, values, marks, lag=1):
@@ -126,6 +127,11 @@ class Primitives:
         variable is read here, not where an op uses it). Defaults to
         `values`."""
         return values
+
+    def _after(self, tensors):
+        """A context in which the operations created run only once
+        `tensors` exist (where `_marks_writes`). Defaults to no context."""
+        return contextlib.nullcontext()
 
     def _add_to_weights(self, deltas):
         """w <- w + deltas (`None` entries: unchanged), or an `InPlace`

@@ -13,6 +13,7 @@ from keras_asam.variants import contract
 from keras_asam.variants.base import (
     overrides,
 )
+from keras_asam.variants.ordered_sums import ordered_sums
 
 
 class VariantCalls:
@@ -189,10 +190,18 @@ class VariantCalls:
         """The variant's `hook` called with `args` (inside `_hook_scope`),
         its result checked against the hook's contract."""
         variant = self._active_variant
-        with self._hook_scope():
+        with self._hook_scope(), self._sums_in_order():
             result = getattr(variant, hook)(*args)
         return contract.checked(variant, hook, result,
                                 len(self.trainable_variables))
+
+    def _sums_in_order(self):
+        """Where the backend orders work (`_marks_writes`), a scope in which
+        the hooks' dot products make one variable's product at a time
+        (`keras_asam.variants.ordered_sums`); no scope elsewhere."""
+        if not self._marks_writes():
+            return contextlib.nullcontext()
+        return ordered_sums(lambda last: self._after([last]))
 
     def _eps(self, gradients, values, rho):
         """eps for the trainable variables (values aligned with

@@ -6,7 +6,7 @@ base class to write your own (see its docstring).
 """
 
 from keras_asam.variants.aesam import AESAM
-from keras_asam.variants.base import StepContext, Variant, dot
+from keras_asam.variants.base import StepContext, Variant, dot, dots
 from keras_asam.variants.friendly import FriendlySAM
 from keras_asam.variants.gsam import GSAM
 from keras_asam.variants.in_place import InPlace, all_finite
@@ -18,4 +18,4 @@ from keras_asam.variants.wsam import WSAM
 
 __all__ = ["AESAM", "FriendlySAM", "GSAM", "InPlace", "LookSAM", "MESA",
            "MomentumSAM", "SAF", "StepContext", "Variant", "WSAM",
-           "all_finite", "dot"]
+           "all_finite", "dot", "dots"]

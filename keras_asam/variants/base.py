@@ -43,6 +43,8 @@ applies and `ctx.second_pass` is a Python bool.
 
 import keras
 
+from keras_asam.variants.ordered_sums import SumChain
+
 
 class StepContext:
     """What the step tells a variant's hooks.
@@ -346,16 +348,50 @@ class Variant:
 def dot(a, b):
     """Sum over variables of ``a_i . b_i`` (float32 scalar); `None` entries
     are skipped. Norms and dot products of variants run over all the
-    variables together (over every shard of a sharded weight)."""
-    terms = [
-        keras.ops.sum(keras.ops.cast(x, "float32")
-                      * keras.ops.cast(y, "float32"))
-        for x, y in zip(a, b)
-        if x is not None and y is not None
-    ]
-    if not terms:
-        return keras.ops.zeros((), "float32")
-    return sum(terms[1:], terms[0])
+    variables together (over every shard of a sharded weight). See `dots`.
+    """
+    return dots([(a, b)])[0]
+
+
+def dots(pairs):
+    """Several dot products in one pass over the variables.
+
+        [a . b for a, b in pairs],   a . b = sum_i sum(a_i * b_i)
+
+    Each as `dot` computes it, to the last bit. Inside `ordered_sums` (the
+    step's hooks on a backend that orders work) the element-wise products
+    are made one at a time, pair by pair and variable by variable, so one
+    product the size of a variable is alive at a time.
+
+    Args:
+        pairs: List of `(a, b)`: lists aligned with the trainable variables
+            (`None` entries skipped).
+
+    Returns:
+        List of float32 scalars, one per pair.
+
+    Example:
+
+    >>> from keras import ops
+    >>> g = [ops.array([3.0, 4.0])]
+    >>> squared, cross = dots([(g, g), (g, [ops.ones(2)])])
+    >>> float(squared), float(cross)
+    (25.0, 7.0)
+    """
+    entries = [list(zip(a, b)) for a, b in pairs]
+    totals = [None] * len(pairs)
+    chain = SumChain()
+    for k, aligned in enumerate(entries):
+        for x, y in aligned:
+            if x is None or y is None:
+                continue
+            with chain.next():
+                term = chain.taken(keras.ops.sum(
+                    keras.ops.cast(x, "float32")
+                    * keras.ops.cast(y, "float32")))
+            totals[k] = term if totals[k] is None else totals[k] + term
+    return [keras.ops.zeros((), "float32") if t is None else t
+            for t in totals]
 
 
 def overrides(variant, hook):

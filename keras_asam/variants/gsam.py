@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_asam import validation
-from keras_asam.variants.base import Variant, dot
+from keras_asam.variants.base import Variant, dots
 
 # Added to ||g_adv||^2 in the projection, as in the reference code.
 EPSILON = 1e-12
@@ -30,9 +30,9 @@ def gsam_direction(gradients, adversarial_gradients, alpha, *,
     Returns:
         List of float32 tensors (or `None` where g_adv is `None`).
     """
-    coefficient = dot(gradients, adversarial_gradients) / (
-        dot(adversarial_gradients, adversarial_gradients) + epsilon
-    )
+    cross, squared = dots([(gradients, adversarial_gradients),
+                           (adversarial_gradients, adversarial_gradients)])
+    coefficient = cross / (squared + epsilon)
     return [
         None if ga is None else (
             ops.cast(ga, "float32") if g is None else
