@@ -115,7 +115,7 @@ class Primitives:
         """Whether `_write_in_place` returns marks and `_released` and
         `_after` order the work after them (TensorFlow's graph without
         XLA): the step then writes `after_gradient`'s state before the
-        ascent, and the hooks' dot products make one product at a time.
+        ascent, and the hooks' `dots` make one product at a time.
         Defaults to `False`."""
         return False
 

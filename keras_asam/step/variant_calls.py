@@ -197,7 +197,7 @@ class VariantCalls:
 
     def _sums_in_order(self):
         """Where the backend orders work (`_marks_writes`), a scope in which
-        the hooks' dot products make one variable's product at a time
+        the hooks' `dots` make one product at a time
         (`keras_asam.variants.ordered_sums`); no scope elsewhere."""
         if not self._marks_writes():
             return contextlib.nullcontext()

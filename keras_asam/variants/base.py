@@ -348,9 +348,17 @@ class Variant:
 def dot(a, b):
     """Sum over variables of ``a_i . b_i`` (float32 scalar); `None` entries
     are skipped. Norms and dot products of variants run over all the
-    variables together (over every shard of a sharded weight). See `dots`.
-    """
-    return dots([(a, b)])[0]
+    variables together (over every shard of a sharded weight). `dots`
+    takes several at once, one product at a time."""
+    terms = [
+        keras.ops.sum(keras.ops.cast(x, "float32")
+                      * keras.ops.cast(y, "float32"))
+        for x, y in zip(a, b)
+        if x is not None and y is not None
+    ]
+    if not terms:
+        return keras.ops.zeros((), "float32")
+    return sum(terms[1:], terms[0])
 
 
 def dots(pairs):

@@ -1,18 +1,19 @@
 """Sums over the variables, taken one variable at a time.
 
-A dot product over N variables,
+Several dot products over N variables,
 
     a . b = sum_i sum(a_i * b_i),
 
-makes N element-wise products. A backend that runs every ready operation at
-once (TensorFlow's graph executor without XLA) makes them all together: up
-to the size of the weights in temporaries beside `a` and `b`. Inside
-`ordered_sums`, each product of one call of `keras_asam.variants.dots` (or
-`dot`) starts only once the call's previous sum exists, so one product is
-alive at a time. The operations and their inputs are the same, and so are
-the values to the last bit: only their order is fixed. The step enters
-this scope around the variant's hooks where its backend orders work
-(`_marks_writes`).
+make N element-wise products each. A backend that runs every ready
+operation at once (TensorFlow's graph executor without XLA) makes them all
+together: up to the size of the weights in temporaries per dot product.
+Inside `ordered_sums`, each product of one call of
+`keras_asam.variants.dots` starts only once the call's previous sum exists,
+so one product is alive at a time (GSAM's projection: 0.3 P less). The
+operations and their inputs are the same, and so are the values to the
+last bit: only their order is fixed. The step enters this scope around the
+variant's hooks where its backend orders work (`_marks_writes`); a single
+`dot` is left unordered (LookSAM's read no less memory ordered).
 """
 
 import contextlib
@@ -34,9 +35,10 @@ def ordered_sums(after):
 
     >>> import contextlib
     >>> from keras import ops
-    >>> from keras_asam.variants import dot
+    >>> from keras_asam.variants import dots
+    >>> ones = [ops.ones(3), ops.ones(2)]
     >>> with ordered_sums(lambda last: contextlib.nullcontext()):
-    ...     total = dot([ops.ones(3), ops.ones(2)], [ops.ones(3), ops.ones(2)])
+    ...     (total,) = dots([(ones, ones)])
     >>> float(total)
     5.0
     """
