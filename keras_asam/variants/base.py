@@ -386,6 +386,12 @@ def dots(pairs):
     >>> float(squared), float(cross)
     (25.0, 7.0)
     """
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(
+                "`pairs` must be a list of `(a, b)`, each a pair of lists "
+                "aligned with the trainable variables. Received: an entry "
+                f"{pair!r} in pairs")
     entries = [list(zip(a, b)) for a, b in pairs]
     totals = [None] * len(pairs)
     chain = SumChain()

@@ -13,7 +13,8 @@ so one product is alive at a time (GSAM's projection: 0.3 P less). The
 operations and their inputs are the same, and so are the values to the
 last bit: only their order is fixed. The step enters this scope around the
 variant's hooks where its backend orders work (`_marks_writes`); a single
-`dot` is left unordered (LookSAM's read no less memory ordered).
+`dot` is left unordered (LookSAM, which calls it separately, read no less
+memory with it ordered).
 """
 
 import contextlib

@@ -49,6 +49,12 @@ def test_dots_without_entries_are_zero():
     assert dots([]) == []
 
 
+@pytest.mark.parametrize("pairs", [[([1.0],)], [[1.0]]])
+def test_dots_rejects_what_is_not_a_list_of_pairs(pairs):
+    with pytest.raises(ValueError, match="`pairs` must be a list of"):
+        dots(pairs)
+
+
 def test_an_order_changes_no_value_and_follows_the_pairs():
     a, b = _lists()
     recorded = []
