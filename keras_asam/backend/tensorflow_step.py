@@ -81,7 +81,7 @@ class TensorFlowTrainStep(SharedStep):
     def _released(self, values, marks, lag=1):
         released = []
         for i, value in enumerate(values):
-            with tf.control_dependencies([] if i < lag else [
+            with self._after([] if i < lag else [
                     m[i - lag] for m in marks if m[i - lag] is not None]):
                 released.append(None if value is None else tf.identity(value))
         return released

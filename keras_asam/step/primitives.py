@@ -43,7 +43,7 @@ class Primitives:
             return self._loss_and_gradients(*part)
         finally:
             for v, value in zip(restored, saved):
-                v.assign(value)
+                self._write(v, value)
 
     def _loss_and_gradients(self, x, y, sample_weight):
         """`(y_pred, loss, gradients)` of one pass at the variables' current

@@ -350,12 +350,8 @@ def dot(a, b):
     are skipped. Norms and dot products of variants run over all the
     variables together (over every shard of a sharded weight). `dots`
     takes several at once, one product at a time."""
-    terms = [
-        keras.ops.sum(keras.ops.cast(x, "float32")
-                      * keras.ops.cast(y, "float32"))
-        for x, y in zip(a, b)
-        if x is not None and y is not None
-    ]
+    terms = [_product_sum(x, y) for x, y in zip(a, b)
+             if x is not None and y is not None]
     if not terms:
         return keras.ops.zeros((), "float32")
     return sum(terms[1:], terms[0])
@@ -400,12 +396,16 @@ def dots(pairs):
             if x is None or y is None:
                 continue
             with chain.next():
-                term = chain.taken(keras.ops.sum(
-                    keras.ops.cast(x, "float32")
-                    * keras.ops.cast(y, "float32")))
+                term = chain.taken(_product_sum(x, y))
             totals[k] = term if totals[k] is None else totals[k] + term
     return [keras.ops.zeros((), "float32") if t is None else t
             for t in totals]
+
+
+def _product_sum(x, y):
+    """``x . y`` for one variable, in float32: the term of `dot`."""
+    return keras.ops.sum(keras.ops.cast(x, "float32")
+                         * keras.ops.cast(y, "float32"))
 
 
 def overrides(variant, hook):
