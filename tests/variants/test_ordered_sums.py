@@ -39,8 +39,9 @@ def test_dots_are_the_dot_products():
     a, b = _lists()
     results = _numpy(dots([(a, b), (b, b), (a, a)]))
     expected = [_numpy_dot(a, b), _numpy_dot(b, b), _numpy_dot(a, a)]
-    # float32 sums of 17 products of standard normals.
-    np.testing.assert_allclose(results, expected, rtol=1e-6, atol=1e-6)
+    # float32 sums of up to 21 products of standard normals: the rounding
+    # (which differs between CPUs' kernels) is about 1e-6 of their sizes.
+    np.testing.assert_allclose(results, expected, rtol=1e-5, atol=1e-5)
     assert _numpy([dot(a, b)]) == results[:1]
 
 
@@ -70,7 +71,7 @@ def test_an_order_changes_no_value_and_follows_the_pairs():
     # pair by pair and variable by variable.
     terms = [float(np.sum(a[0] * b[0])), float(np.sum(a[2] * b[2])),
              float(np.sum(b[0] * b[0])), float(np.sum(b[1] * b[1]))]
-    np.testing.assert_allclose(recorded, terms, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(recorded, terms, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
