@@ -30,7 +30,8 @@ version; wall and process CPU time.
 Memory: `memory.py`'s children (one process per measurement), the earlier
 and the later version alternately (`memory.py --library`), at the sizes of
 `memory.py --quick` (small MLP, live tensors, no XLA), `--memory-repeats`
-repeats each, minimum reported.
+repeats each, minimum reported; a variant whose class one version lacks
+(`memory.VARIANT_CLASSES`) is reported as not measured.
 
     python -m benchmarks.before_after --before /tmp/before
     python -m benchmarks.before_after --before /tmp/before --after /tmp/after
@@ -263,13 +264,13 @@ def run_memory(args):
     from benchmarks import memory
 
     variants = [v for v in memory.VARIANTS
-                if v not in memory.VARIANT_CLASSES
-                and (not args.memory_variants or v in args.memory_variants)]
+                if not args.memory_variants or v in args.memory_variants]
     libraries = {"before": args.before, "after": args.after or ROOT}
     layers = args.memory_layers or memory.QUICK_LAYERS
     jits = {"off": [False], "on": [True],
             "both": [False, True]}[args.memory_jit]
     runs = {version: [] for version in VERSIONS}
+    skipped = {}
     start = time.perf_counter()
     loads = [os.getloadavg()[0]]
     for repeat in range(args.memory_repeats):
@@ -284,6 +285,10 @@ def run_memory(args):
                           "library": libraries[version]}
                 raw = memory.run_child(config)
                 assert os.path.samefile(raw["library"], libraries[version])
+                if "skipped" in raw:
+                    # A variant whose class one version lacks.
+                    skipped[variant] = raw["skipped"]
+                    continue
                 runs[version].append({
                     "variant": variant, "jit": jit, "mode": "tf",
                     "repeat": repeat,
@@ -298,7 +303,8 @@ def run_memory(args):
                for version in VERSIONS}
     return {"variants": variants, "layers": layers,
             "repeats": args.memory_repeats, "summary": summary,
-            "runs": runs, "params": runs["after"][0]["raw"]["params"],
+            "runs": runs, "skipped": skipped,
+            "params": runs["after"][0]["raw"]["params"],
             "load_average": [min(loads), max(loads)],
             "wall_seconds": time.perf_counter() - start}
 
@@ -478,6 +484,8 @@ def render(report):
                     f"{_p(before['over_floor'])} | "
                     f"{_p(after['over_floor'])} |")
             lines.append("")
+        lines += [f"Not measured: {variant} ({reason})."
+                  for variant, reason in m.get("skipped", {}).items()]
         lines += [f"Memory: {m['wall_seconds'] / 60:.1f} minutes, "
                   f"1-minute load average {m['load_average'][0]:.1f}-"
                   f"{m['load_average'][1]:.1f}.", ""]
